@@ -1,0 +1,109 @@
+"""Preallocated KV cache for block diffusion.
+
+Legend: B batch, Hk kv heads, D head dim, S slots, C canvas length, W sliding window.
+
+- Full-attention layers keep every committed position: slots [0, max_len) in order, plus C scratch slots.
+- Sliding layers keep only what a window can see: the newest min(length, W-1) committed positions in
+  chronological order, plus C scratch slots. Memory stops growing once the prompt passes the window; a commit
+  shifts the window once per encoder pass (never per denoising step).
+- The decoder writes the canvas K/V into the scratch slots right after the committed ones and attends over
+  committed + scratch in place: nothing of the cache is copied per denoising step and nothing committed changes.
+  Only `commit` (the encoder pass) advances `length`.
+
+Keys are stored after RoPE in the same order HF's DynamicCache keeps them (so reductions match the reference
+bit for bit where the kernels allow); masks come from each slot's absolute position, which is shared by the
+batch (HF gives every row the same positions; padding is a key mask).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .config import DGConfig
+from .errors import GenerationError
+
+
+@dataclass
+class LayerKV:
+    k: torch.Tensor  # [B, Hk, S, D]
+    v: torch.Tensor  # [B, Hk, S, D]
+    ring: int | None  # committed capacity (W-1) for sliding layers, None for full layers
+
+
+class KVCache:
+    def __init__(
+        self,
+        cfg: DGConfig,
+        batch_size: int,
+        max_length: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ):
+        if max_length < 1:
+            raise GenerationError(f"KV cache max_length must be >= 1, got {max_length}")
+        self.cfg, self.batch_size, self.max_length = cfg, batch_size, max_length
+        self.canvas = cfg.canvas_length
+        self.window = cfg.sliding_window
+        self.length = 0  # committed positions
+        C = self.canvas
+        ring = self.window - 1
+        # Slots per layer type: full = max_length + C; sliding = min(W-1, max_length) + C.
+        self.full_slots = max_length + C
+        self.ring = min(ring, max_length)
+        self.sliding_slots = self.ring + C
+        self.layers: list[LayerKV] = []
+        for g in cfg.layers:
+            S = self.sliding_slots if g.is_sliding else self.full_slots
+            shape = (batch_size, g.num_kv_heads, S, g.head_dim)
+            self.layers.append(
+                LayerKV(
+                    torch.zeros(shape, device=device, dtype=dtype),
+                    torch.zeros(shape, device=device, dtype=dtype),
+                    self.ring if g.is_sliding else None,
+                )
+            )
+        # Absolute position held by each slot (-1 = empty) and which slots are real (not padding) per row.
+        self.full_pos = torch.full((self.full_slots,), -1, dtype=torch.long, device=device)
+        self.full_valid = torch.zeros(batch_size, self.full_slots, dtype=torch.bool, device=device)
+        self.slide_pos = torch.full((self.sliding_slots,), -1, dtype=torch.long, device=device)
+        self.slide_valid = torch.zeros(batch_size, self.sliding_slots, dtype=torch.bool, device=device)
+
+    # ---- bookkeeping --------------------------------------------------------------------------------
+    def nbytes(self) -> int:
+        return sum(lk.k.numel() * lk.k.element_size() * 2 for lk in self.layers)
+
+    def check_room(self, n: int) -> None:
+        if self.length + n > self.max_length:
+            raise GenerationError(
+                f"context is full: {self.length} committed + {n} new tokens > max_length {self.max_length}"
+            )
+
+    @property
+    def slide_len(self) -> int:
+        """Committed positions a sliding layer still holds."""
+        return min(self.length, self.ring)
+
+    def commit_meta(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        """Record positions [T] and row validity [B, T] of tokens being committed (call once per encode,
+        after every layer has stored its K/V)."""
+        n = self.slide_len
+        self.full_pos[positions] = positions
+        self.full_valid[:, positions] = valid
+        pos = torch.cat([self.slide_pos[:n], positions])[-self.ring :]
+        val = torch.cat([self.slide_valid[:, :n], valid], dim=1)[:, -self.ring :]
+        self.slide_pos[: pos.numel()] = pos
+        self.slide_valid[:, : pos.numel()] = val
+        self.length = int(positions[-1].item()) + 1
+
+    def scratch_slots(self, sliding: bool, n: int) -> slice:
+        """Where the decoder writes the canvas K/V: right after the committed slots."""
+        start = self.slide_len if sliding else self.length
+        return slice(start, start + n)
+
+    def reset(self) -> None:
+        self.length = 0
+        self.full_pos.fill_(-1)
+        self.full_valid.zero_()
+        self.slide_pos.fill_(-1)
+        self.slide_valid.zero_()
