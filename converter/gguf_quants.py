@@ -27,8 +27,6 @@ imatrix path); without it w = rms(sub-block) + |x| (ggml's q4_K/q5_K reference w
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
-
 import gguf
 import numpy as np
 import torch
@@ -45,7 +43,9 @@ _E2M1_ABS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 NVFP4_GLOBAL_DIV = 6.0 * 448.0  # ModelOpt weight_scale_2 = amax / (6 * 448)
 
 QUANTIZABLE = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.MXFP4, QT.NVFP4)
-_CHUNK_ELEMS = 1 << 20  # elements per work chunk: bounds temporaries to a few tens of MB
+_CHUNK_ELEMS_SEARCH = 1 << 15  # elements per work chunk of our searches (temporaries stay in L2)
+_CHUNK_ELEMS_GGUFPY = 1 << 20
+_OURS = (QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.NVFP4)
 
 
 # ---- sizes -----------------------------------------------------------------------------------------------
@@ -107,8 +107,10 @@ def quantize(
     elif global_scale is not None:
         raise FormatError(f"global_scale only applies to NVFP4, not {qtype.name}")
     out = np.empty((x3.shape[0], x3.shape[1], nbytes), dtype=np.uint8)
-    for li, r0, r1, xc, qwc in _chunks(x3, qw3):
-        if not torch.isfinite(xc).all():
+    # small chunks keep the search temporaries in cache; gguf-py's quantizers prefer bigger ones
+    chunk = _CHUNK_ELEMS_SEARCH if qtype in _OURS else _CHUNK_ELEMS_GGUFPY
+    for li, r0, r1, xc, qwc in _chunks(x3, qw3, max(1, chunk // C)):
+        if not np.isfinite(xc).all():
             raise FormatError(f"cannot quantize to {qtype.name}: the tensor has NaN or Inf values")
         if qtype == QT.Q4_K:
             blk = _q4_k(xc, qwc)
@@ -121,7 +123,7 @@ def quantize(
         elif qtype == QT.Q5_0 and qwc is not None:
             blk = _q5_0_weighted(xc, qwc)
         else:  # BF16, Q8_0, Q5_1, MXFP4, Q5_0 without importance: gguf-py's reference quantizers
-            blk = gguf.quants.quantize(np.ascontiguousarray(xc.numpy()), qtype)
+            blk = gguf.quants.quantize(xc, qtype)
         out[li, r0:r1] = blk.reshape(r1 - r0, nbytes)
     return out.reshape(*t.shape[:-1], nbytes)
 
@@ -172,79 +174,75 @@ def nvfp4_global_scale(x: np.ndarray | torch.Tensor, n_lead: int | None = None) 
 # ---- FP8 (UE4M3) scale codec ------------------------------------------------------------------------------
 
 
-def ue4m3_encode(x: torch.Tensor) -> torch.Tensor:
+def ue4m3_encode(x: np.ndarray) -> np.ndarray:
     """float32 >= 0 -> nearest UE4M3 byte (round half up on the first dropped mantissa bit, like
     ggml_fp32_to_ue4m3), clamped to [0, 448]. Unlike ggml's encoder, [256, 448) keeps its exponent-15 codes
     0x78..0x7D instead of saturating to 0x7E; every decoder reads them (ModelOpt checkpoints use them)."""
-    x = x.to(torch.float32).clamp(0.0, 448.0)
-    bits = x.view(torch.int32)
+    x = np.clip(np.asarray(x, dtype=np.float32), 0.0, 448.0)
+    bits = x.view(np.int32)
     e = ((bits >> 23) & 0xFF) - 127 + 7  # biased UE4M3 exponent
     man = ((bits >> 20) & 0x7) + ((bits >> 19) & 1)
-    normal = torch.where(man > 7, (e + 1) << 3, (e << 3) | man).clamp_(max=0x7E)
-    sub = (x * 512.0 + 0.5).to(torch.int32)  # m/512; m == 8 is code 0x08 = 2^-6, the smallest normal
-    out = torch.where(e <= 0, sub, normal)
-    return torch.where(x <= 0, torch.zeros_like(out), out).to(torch.uint8)
+    normal = np.minimum(np.where(man > 7, (e + 1) << 3, (e << 3) | man), 0x7E)
+    sub = (x * np.float32(512.0) + np.float32(0.5)).astype(np.int32)  # m/512; m == 8 is 0x08 = 2^-6
+    out = np.where(e <= 0, sub, normal)
+    return np.where(x <= 0, 0, out).astype(np.uint8)
 
 
-def ue4m3_decode(code: torch.Tensor) -> torch.Tensor:
-    """UE4M3 byte -> true float32 value (not the halved ggml value); 0x00 and 0x7F decode to 0."""
-    c = code.to(torch.int32)
-    e, m = (c >> 3) & 0xF, (c & 7).to(torch.float32)
-    val = torch.where(e == 0, m * 2.0**-9, (1.0 + m / 8.0) * torch.exp2((e - 7).to(torch.float32)))
-    return torch.where((c == 0) | (c == 0x7F), torch.zeros_like(val), val)
+def ue4m3_decode(code: np.ndarray) -> np.ndarray:
+    """UE4M3 byte -> true float32 value (ggml's decoder returns half of it); 0x00 and 0x7F decode to 0."""
+    c = np.asarray(code).astype(np.int32)
+    e, m = (c >> 3) & 0xF, (c & 7).astype(np.float32)
+    val = np.where(e == 0, m * np.float32(2.0**-9), (np.float32(1) + m / np.float32(8)) * np.exp2(e - 7).astype(np.float32))
+    return np.where((c == 0) | (c == 0x7F), np.float32(0), val).astype(np.float32)
 
 
 # ---- chunking / argument normalization -------------------------------------------------------------------
 
 
-def _importance_3d(qw: np.ndarray | torch.Tensor | None, shape: tuple[int, ...]) -> torch.Tensor | None:
-    """Importance as a float32 (L or 1, R or 1, C) tensor matching x viewed as (L, R, C)."""
+def _importance_3d(qw: np.ndarray | torch.Tensor | None, shape: tuple[int, ...]) -> np.ndarray | None:
+    """Importance as a float32 (L or 1, R or 1, C) array matching x viewed as (L, R, C)."""
     if qw is None:
         return None
-    q = (qw if isinstance(qw, torch.Tensor) else torch.from_numpy(np.asarray(qw))).detach().to(torch.float32)
+    q = qw.detach().to(torch.float32).numpy() if isinstance(qw, torch.Tensor) else np.asarray(qw, dtype=np.float32)
     try:
-        b = torch.broadcast_shapes(tuple(q.shape), shape)
-    except RuntimeError:
+        b = np.broadcast_shapes(q.shape, shape)
+    except ValueError:
         b = None
     if b != tuple(shape):
-        raise FormatError(f"importance of shape {tuple(q.shape)} does not broadcast to the tensor shape {shape}")
-    if not torch.isfinite(q).all() or (q < 0).any():
+        raise FormatError(f"importance of shape {q.shape} does not broadcast to the tensor shape {shape}")
+    if not np.isfinite(q).all() or (q < 0).any():
         raise FormatError("importance must be finite and >= 0")
-    q = q.reshape((1,) * (len(shape) - q.ndim) + tuple(q.shape))
+    q = q.reshape((1,) * (len(shape) - q.ndim) + q.shape)
     if len(shape) == 1:
         q3 = q.reshape(1, 1, -1)
     else:
-        lead = q.shape[:-2]
-        L = int(np.prod(lead, dtype=np.int64)) if lead else 1
+        L = int(np.prod(q.shape[:-2], dtype=np.int64)) if q.ndim > 2 else 1
         full = int(np.prod(shape[:-2], dtype=np.int64)) if len(shape) > 2 else 1
-        if L not in (1, full):  # partially broadcast leading dims: expand them (small: no R axis yet)
-            q = q.expand(*shape[:-2], *q.shape[-2:])
+        if L not in (1, full):  # partially broadcast leading dims: expand them (cheap: no R axis yet)
+            q = np.broadcast_to(q, (*shape[:-2], *q.shape[-2:]))
             L = full
         q3 = q.reshape(L, q.shape[-2], q.shape[-1])
     # a column with zero importance is still kept faintly: all-zero weights make the fit degenerate
-    floor = 1e-6 * q3.mean(dim=-1, keepdim=True).clamp_min(1e-30)
-    return torch.maximum(q3, floor)
+    floor = np.float32(1e-6) * np.maximum(q3.mean(axis=-1, keepdims=True), np.float32(1e-30))
+    return np.maximum(q3, floor)
 
 
-def _global_scale_3d(g: np.ndarray | torch.Tensor | float, L: int) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(g, dtype=np.float32)).reshape(-1)
-    if t.numel() not in (1, L):
-        raise FormatError(f"global_scale has {t.numel()} values; expected 1 or {L} (one per leading index)")
-    if not torch.isfinite(t).all() or (t <= 0).any():
+def _global_scale_3d(g: np.ndarray | torch.Tensor | float, L: int) -> np.ndarray:
+    t = (g.detach().to(torch.float32).numpy() if isinstance(g, torch.Tensor) else np.asarray(g, dtype=np.float32)).reshape(-1)
+    if t.size not in (1, L):
+        raise FormatError(f"global_scale has {t.size} values; expected 1 or {L} (one per leading index)")
+    if not np.isfinite(t).all() or (t <= 0).any():
         raise FormatError("global_scale must be finite and > 0")
-    return t.expand(L).clone()
+    return np.broadcast_to(t, (L,)).copy()
 
 
-def _chunks(
-    x3: torch.Tensor, qw3: torch.Tensor | None
-) -> Iterator[tuple[int, int, int, torch.Tensor, torch.Tensor | None]]:
+def _chunks(x3: torch.Tensor, qw3: np.ndarray | None, rows_per_chunk: int):
     """Yield (l, r0, r1, x float32 (rows, C), importance (rows|1, C) or None) over x viewed as (L, R, C)."""
-    L, R, C = x3.shape
-    step = max(1, _CHUNK_ELEMS // max(C, 1))
+    L, R, _ = x3.shape
     for li in range(L):
-        for r0 in range(0, R, step):
-            r1 = min(R, r0 + step)
-            xc = x3[li, r0:r1].to(torch.float32).contiguous()
+        for r0 in range(0, R, rows_per_chunk):
+            r1 = min(R, r0 + rows_per_chunk)
+            xc = np.ascontiguousarray(x3[li, r0:r1].to(torch.float32).numpy())
             qwc = None
             if qw3 is not None:
                 q = qw3[li if qw3.shape[0] > 1 else 0]
@@ -252,104 +250,121 @@ def _chunks(
             yield li, r0, r1, xc, qwc
 
 
-def _f16(x: torch.Tensor) -> torch.Tensor:
+def _f16(x: np.ndarray) -> np.ndarray:
     """Round to fp16 and back (the value the block will store)."""
-    return x.to(torch.float16).to(torch.float32)
+    return x.astype(np.float16).astype(np.float32)
 
 
-def _f16_bytes(x: torch.Tensor) -> np.ndarray:
-    return x.to(torch.float16).numpy().view(np.uint8).reshape(-1, 2)
+def _f16_bytes(x: np.ndarray) -> np.ndarray:
+    return x.astype(np.float16).view(np.uint8).reshape(-1, 2)
+
+
+def _safe_inv(x: np.ndarray) -> np.ndarray:
+    ok = x != 0
+    return np.where(ok, np.float32(1) / np.where(ok, x, np.float32(1)), np.float32(0)).astype(np.float32)
+
+
+def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", a, b)
 
 
 # ---- element weights -----------------------------------------------------------------------------------
 
 
-def _kquant_weights(xs: torch.Tensor, qw: torch.Tensor | None, rows: int) -> torch.Tensor:
-    """Weights for the sub-block fits; xs: (rows*nsb, S, n) super-blocks split into S sub-blocks of n."""
+def _kquant_weights(xs: np.ndarray, qw: np.ndarray | None, rows: int) -> np.ndarray:
+    """Weights for the sub-block fits; xs: (n_superblocks, S, n), each super-block split into S sub-blocks."""
     if qw is None:
-        av = xs.pow(2).mean(dim=-1, keepdim=True).sqrt_()
-        return av + xs.abs()
-    sigma2 = 2.0 * xs.pow(2).mean(dim=(-2, -1), keepdim=True)
-    qws = qw.expand(rows, qw.shape[-1]).reshape(xs.shape)
-    return qws * (sigma2 + xs.pow(2)).sqrt_()
+        return np.sqrt((xs * xs).mean(axis=-1, keepdims=True)) + np.abs(xs)
+    sigma2 = np.float32(2.0) * (xs * xs).mean(axis=(-2, -1), keepdims=True)
+    qws = np.broadcast_to(qw, (rows, qw.shape[-1])).reshape(xs.shape)
+    return qws * np.sqrt(sigma2 + xs * xs)
 
 
 # ---- sub-block scale searches ------------------------------------------------------------------------------
 
 
-def _search_asym(x: torch.Tensor, w: torch.Tensor, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """Best (scale >= 0, min >= 0) with x ~ scale*l - min, l in [0, nmax]; x, w: (N, n) -> (N,), (N,)."""
-    mn = x.amin(dim=1).clamp_(max=0.0)
-    rng = x.amax(dim=1) - mn
-    ok = rng > 0
-    inv_rng = torch.where(ok, 1.0 / torch.where(ok, rng, torch.ones_like(rng)), torch.zeros_like(rng))
+def _search_asym(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: float, nstep: int):
+    """Best (scale >= 0, min >= 0) with x ~ scale*l - min, l in [0, nmax]: for each inverse scale of the grid
+    (nmax + rmin + k*rdelta)/range, round, then fit scale and min by weighted least squares; keep the lowest
+    weighted squared error. x, w: (N, n) -> (N,), (N,)."""
+    mn = np.minimum(x.min(axis=1), np.float32(0))
+    rng = x.max(axis=1) - mn
+    inv_rng = _safe_inv(rng)
     xs = x - mn[:, None]
     wx = w * x
-    sw, sx, sxx = w.sum(1), wx.sum(1), (wx * x).sum(1)
-    # start: the plain min/max grid, error evaluated directly
-    best_s, best_m = rng / nmax, mn.clone()  # offset form: x ~ s*l + m, m <= 0
-    l = torch.round(xs * (nmax * inv_rng)[:, None]).clamp_(0, nmax)
-    best_err = (w * (best_s[:, None] * l + best_m[:, None] - x).pow_(2)).sum(1)
-    one = torch.ones_like(sw)
+    sw, sx, sxx = w.sum(axis=1), wx.sum(axis=1), _rowdot(wx, x)
+    l = np.empty_like(x)
+    wl = np.empty_like(x)
+    # start: the plain min/max grid, error evaluated directly (offset form x ~ s*l + m, m <= 0)
+    best_s, best_m = rng / np.float32(nmax), mn.copy()
+    np.rint(np.multiply(xs, (nmax * inv_rng)[:, None], out=l), out=l)
+    r = best_s[:, None] * l + best_m[:, None] - x
+    best_err = np.einsum("ij,ij,ij->i", w, r, r)
+    one = np.float32(1)
     for k in range(nstep + 1):
-        l = torch.round(xs * ((nmax + rmin + rdelta * k) * inv_rng)[:, None]).clamp_(0, nmax)
-        wl = w * l
-        sl, sll, sxl = wl.sum(1), (wl * l).sum(1), (wl * x).sum(1)
+        f = nmax + rmin + rdelta * k
+        np.rint(np.multiply(xs, (f * inv_rng)[:, None], out=l), out=l)
+        if f > nmax:  # xs/range is in [0, 1]: only a grid wider than nmax can round past it
+            np.minimum(l, nmax, out=l)
+        np.multiply(w, l, out=wl)
+        sl, sll, sxl = wl.sum(axis=1), _rowdot(wl, l), _rowdot(wl, x)
         D = sw * sll - sl * sl
         good = D > 0
-        Ds = torch.where(good, D, one)
+        Ds = np.where(good, D, one)
         s = (sw * sxl - sx * sl) / Ds
         m = (sll * sx - sl * sxl) / Ds
         pos = m > 0  # a positive offset is not representable (mins are >= 0): refit the scale alone
-        s = torch.where(pos, sxl / torch.where(sll > 0, sll, one), s)
-        m = torch.where(pos, torch.zeros_like(m), m)
+        s = np.where(pos, sxl / np.where(sll > 0, sll, one), s)
+        m = np.where(pos, np.float32(0), m)
         err = sxx - 2 * s * sxl - 2 * m * sx + s * s * sll + 2 * s * m * sl + m * m * sw
         better = good & (s >= 0) & (err < best_err)
-        best_s = torch.where(better, s, best_s)
-        best_m = torch.where(better, m, best_m)
-        best_err = torch.where(better, err, best_err)
-    return best_s, -best_m
+        best_s = np.where(better, s, best_s)
+        best_m = np.where(better, m, best_m)
+        best_err = np.where(better, err, best_err)
+    return best_s.astype(np.float32), (-best_m).astype(np.float32)
 
 
-def _search_sym(x: torch.Tensor, w: torch.Tensor, nmax: int, nstep: int = 9, delta: float = 0.1) -> torch.Tensor:
-    """Best signed scale with x ~ scale*l, l in [-nmax, nmax-1] (ggml make_qx_quants grid); x, w: (N, n) -> (N,)."""
-    idx = x.abs().argmax(dim=1, keepdim=True)
-    maxv = x.gather(1, idx).squeeze(1)
-    ok = maxv != 0
-    inv = torch.where(ok, 1.0 / torch.where(ok, maxv, torch.ones_like(maxv)), torch.zeros_like(maxv))
-    best_s = torch.zeros_like(maxv)
-    best_score = torch.full_like(maxv, -1.0)
+def _search_sym(x: np.ndarray, w: np.ndarray, nmax: int, nstep: int, delta: float) -> np.ndarray:
+    """Best signed scale with x ~ scale*l, l in [-nmax, nmax-1] (ggml make_qx_quants grid: the largest |x| maps
+    to -(nmax + k*delta)); x, w: (N, n) -> (N,)."""
+    idx = np.abs(x).argmax(axis=1)[:, None]
+    inv = _safe_inv(np.take_along_axis(x, idx, axis=1)[:, 0])
+    best_s = np.zeros(x.shape[0], dtype=np.float32)
+    best_score = np.full(x.shape[0], -1.0, dtype=np.float32)
+    l = np.empty_like(x)
+    wl = np.empty_like(x)
+    one = np.float32(1)
     for k in [0] + [k for k in range(-nstep, nstep + 1) if k]:
-        l = torch.round(x * (-(nmax + delta * k) * inv)[:, None]).clamp_(-nmax, nmax - 1)
-        wl = w * l
-        sxl, sll = (wl * x).sum(1), (wl * l).sum(1)
+        np.rint(np.multiply(x, (-(nmax + delta * k) * inv)[:, None], out=l), out=l)
+        np.clip(l, -nmax, nmax - 1, out=l)
+        np.multiply(w, l, out=wl)
+        sxl, sll = _rowdot(wl, x), _rowdot(wl, l)
         pos = sll > 0
-        sll_s = torch.where(pos, sll, torch.ones_like(sll))
-        score = torch.where(pos, sxl * sxl / sll_s, torch.zeros_like(sll))  # = error reduction at the LS scale
+        sll_s = np.where(pos, sll, one)
+        score = np.where(pos, sxl * sxl / sll_s, np.float32(0))  # error reduction at the LS scale
         better = pos & (score > best_score)
-        best_s = torch.where(better, sxl / sll_s, best_s)
-        best_score = torch.where(better, score, best_score)
-    return best_s
+        best_s = np.where(better, sxl / sll_s, best_s)
+        best_score = np.where(better, score, best_score)
+    return best_s.astype(np.float32)
 
 
 # ---- K-quants ------------------------------------------------------------------------------------------------
 
 
-def _kquant_asym(x: torch.Tensor, qw: torch.Tensor | None, nmax: int, rmin: float, rdelta: float, nstep: int):
-    """Shared Q4_K/Q5_K core. x: (rows, C) -> d, dmin (NB,) f16 values, ls, lm (NB, 8) uint8, L (NB, 8, 32)."""
-    rows = x.shape[0]
-    xs = x.reshape(-1, 8, 32)  # NB = rows*C/256 super-blocks of 8 sub-blocks
-    w = _kquant_weights(xs, qw, rows)
-    s, mv = _search_asym(xs.reshape(-1, 32), w.reshape(-1, 32), nmax, rmin, rdelta, nstep)
-    s, mv = s.view(-1, 8), mv.view(-1, 8)
-    d = _f16(s.amax(dim=1) / 63)
-    dm = _f16(mv.amax(dim=1) / 63)
-    ls = torch.where(d[:, None] > 0, torch.round(s / d.clamp_min(1e-30)[:, None]), 0).clamp_(0, 63)
-    lm = torch.where(dm[:, None] > 0, torch.round(mv / dm.clamp_min(1e-30)[:, None]), 0).clamp_(0, 63)
+def _kquant_asym(x: np.ndarray, qw: np.ndarray | None, nmax: int):
+    """Shared Q4_K/Q5_K core. x: (rows, C) -> d, dmin (NB,), ls, lm (NB, 8) uint8, L (NB, 8, 32) uint8."""
+    xs = x.reshape(-1, 8, 32)  # NB super-blocks of 8 sub-blocks
+    w = _kquant_weights(xs, qw, x.shape[0])
+    s, mv = _search_asym(xs.reshape(-1, 32), w.reshape(-1, 32), nmax, -1.0, 0.2, 10)
+    s, mv = s.reshape(-1, 8), mv.reshape(-1, 8)
+    d = _f16(s.max(axis=1) / np.float32(63))
+    dm = _f16(mv.max(axis=1) / np.float32(63))
+    ls = np.clip(np.rint(s * _safe_inv(d)[:, None]), 0, 63)
+    lm = np.clip(np.rint(mv * _safe_inv(dm)[:, None]), 0, 63)
     eff_d = (d[:, None] * ls)[..., None]
     eff_m = (dm[:, None] * lm)[..., None]
-    L = torch.where(eff_d > 0, torch.round((xs + eff_m) / torch.where(eff_d > 0, eff_d, 1.0)), 0).clamp_(0, nmax)
-    return d, dm, ls.to(torch.uint8).numpy(), lm.to(torch.uint8).numpy(), L.to(torch.uint8).numpy()
+    L = np.clip(np.rint((xs + eff_m) * _safe_inv(eff_d)), 0, nmax)
+    return d, dm, ls.astype(np.uint8), lm.astype(np.uint8), L.astype(np.uint8)
 
 
 def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
@@ -361,14 +376,14 @@ def _pack_scales_k4(ls: np.ndarray, lm: np.ndarray) -> np.ndarray:
     return out
 
 
-def _q4_k(x: torch.Tensor, qw: torch.Tensor | None) -> np.ndarray:
-    d, dm, ls, lm, L = _kquant_asym(x, qw, 15, -1.0, 0.1, 20)
+def _q4_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    d, dm, ls, lm, L = _kquant_asym(x, qw, 15)
     qs = (L[:, 0::2, :] | (L[:, 1::2, :] << 4)).reshape(-1, 128)
     return np.concatenate([_f16_bytes(d), _f16_bytes(dm), _pack_scales_k4(ls, lm), qs], axis=1)
 
 
-def _q5_k(x: torch.Tensor, qw: torch.Tensor | None) -> np.ndarray:
-    d, dm, ls, lm, L = _kquant_asym(x, qw, 31, -0.5, 0.1, 15)
+def _q5_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
+    d, dm, ls, lm, L = _kquant_asym(x, qw, 31)
     lo = L & 0xF
     qs = (lo[:, 0::2, :] | (lo[:, 1::2, :] << 4)).reshape(-1, 128)
     hi = (L >> 4) & 1  # (NB, 8, 32): bit j of qh[l] <- sub-block j
@@ -376,36 +391,31 @@ def _q5_k(x: torch.Tensor, qw: torch.Tensor | None) -> np.ndarray:
     return np.concatenate([_f16_bytes(d), _f16_bytes(dm), _pack_scales_k4(ls, lm), qh, qs], axis=1)
 
 
-def _q6_k(x: torch.Tensor, qw: torch.Tensor | None) -> np.ndarray:
-    rows = x.shape[0]
+def _q6_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     xs = x.reshape(-1, 16, 16)
-    w = _kquant_weights(xs, qw, rows)
-    s = _search_sym(xs.reshape(-1, 16), w.reshape(-1, 16), 32).view(-1, 16)
-    imax = s.abs().argmax(dim=1, keepdim=True)
-    d = _f16(-s.gather(1, imax).squeeze(1) / 128)  # the largest sub-block scale maps to -128
-    nz = d != 0
-    ls = torch.where(nz[:, None], torch.round(s / torch.where(nz, d, 1.0)[:, None]), 0).clamp_(-128, 127)
+    w = _kquant_weights(xs, qw, x.shape[0])
+    s = _search_sym(xs.reshape(-1, 16), w.reshape(-1, 16), 32, 6, 0.15).reshape(-1, 16)
+    imax = np.abs(s).argmax(axis=1)[:, None]
+    d = _f16(-np.take_along_axis(s, imax, axis=1)[:, 0] / np.float32(128))  # largest |scale| -> -128
+    ls = np.clip(np.rint(s * _safe_inv(d)[:, None]), -128, 127)
     eff = (d[:, None] * ls)[..., None]
-    L = torch.where(eff != 0, torch.round(xs / torch.where(eff != 0, eff, 1.0)), 0).clamp_(-32, 31) + 32
-    L = L.to(torch.uint8).numpy().reshape(-1, 2, 4, 32)  # (NB, half, quarter, 32)
-    ql = np.concatenate(
+    L = (np.clip(np.rint(xs * _safe_inv(eff)), -32, 31) + 32).astype(np.uint8).reshape(-1, 2, 4, 32)
+    ql = np.concatenate(  # (NB, half, quarter, 32): quarters 0/2 and 1/3 share bytes (low / high nibble)
         [(L[:, :, 0] & 0xF) | ((L[:, :, 2] & 0xF) << 4), (L[:, :, 1] & 0xF) | ((L[:, :, 3] & 0xF) << 4)], axis=2
     ).reshape(-1, 128)
     qh = ((L >> 4) << (2 * np.arange(4, dtype=np.uint8))[None, None, :, None]).sum(axis=2, dtype=np.uint8)
-    sc = ls.to(torch.int8).numpy().view(np.uint8)
+    sc = ls.astype(np.int8).view(np.uint8)
     return np.concatenate([ql, qh.reshape(-1, 64), sc, _f16_bytes(d)], axis=1)
 
 
-def _q5_0_weighted(x: torch.Tensor, qw: torch.Tensor) -> np.ndarray:
-    """Q5_0 with importance: weighted symmetric scale search per 32-block (ggml quantize_row_q5_0_impl)."""
+def _q5_0_weighted(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
+    """Q5_0 with importance: weighted symmetric scale search per 32-block (as ggml quantize_row_q5_0_impl)."""
     rows, C = x.shape
-    sigma2 = x.pow(2).mean(dim=1, keepdim=True)
-    w = (qw.expand(rows, C) * (sigma2 + x.pow(2)).sqrt()).reshape(-1, 32)
+    sigma2 = (x * x).mean(axis=1, keepdims=True)
+    w = (np.broadcast_to(qw, (rows, C)) * np.sqrt(sigma2 + x * x)).reshape(-1, 32)
     xb = x.reshape(-1, 32)
-    d = _f16(_search_sym(xb, w, 16))
-    nz = d != 0
-    q = torch.where(nz[:, None], torch.round(xb / torch.where(nz, d, 1.0)[:, None]), 0).clamp_(-16, 15) + 16
-    q = q.to(torch.uint8).numpy()
+    d = _f16(_search_sym(xb, w, 16, 9, 0.1))
+    q = (np.clip(np.rint(xb * _safe_inv(d)[:, None]), -16, 15) + 16).astype(np.uint8)
     qs = (q[:, :16] & 0xF) | ((q[:, 16:] & 0xF) << 4)
     qh = np.packbits((q >> 4) & 1, axis=1, bitorder="little")  # bit j of the little-endian u32 = element j
     return np.concatenate([_f16_bytes(d), qh, qs], axis=1)
@@ -413,37 +423,42 @@ def _q5_0_weighted(x: torch.Tensor, qw: torch.Tensor) -> np.ndarray:
 
 # ---- NVFP4 ---------------------------------------------------------------------------------------------------
 
+_E2M1_ABS_NP = np.array(_E2M1_ABS, dtype=np.float32)
+# every decision point (_E2M1_MIDS) is a multiple of 1/4: ceil(4|v|) indexes the nearest grid value directly
+_E2M1_BY_QUARTER = np.searchsorted(np.array(_E2M1_MIDS) * 4, np.arange(22), side="left").astype(np.uint8)
 
-def _e2m1_index(v: torch.Tensor) -> torch.Tensor:
-    """Nearest |E2M1| grid index (0..7) of |v|; ties go to the smaller magnitude."""
-    return torch.bucketize(v.abs(), torch.tensor(_E2M1_MIDS, dtype=v.dtype), right=False)
+
+def _e2m1_index(v: np.ndarray) -> np.ndarray:
+    """Nearest |E2M1| grid index (0..7) of v >= 0; ties go to the smaller magnitude."""
+    return _E2M1_BY_QUARTER[np.minimum(np.ceil(v * np.float32(4)), 21).astype(np.intp)]
 
 
-def _nvfp4(x: torch.Tensor, qw: torch.Tensor | None) -> np.ndarray:
+def _nvfp4(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     """x: (rows, C) already divided by the global scale. Per 16-element sub-block, try the UE4M3 scales around
-    ue4m3(amax/6) (codes -2..+1) and keep the lowest (importance-)weighted squared error."""
+    ue4m3(amax/6) (codes -2..+1) and keep the lowest (importance-)weighted squared error; each element takes
+    the nearest E2M1 value (ties to the smaller magnitude)."""
     rows, C = x.shape
     xb = x.reshape(-1, 16)
-    w = None if qw is None else qw.expand(rows, C).reshape(-1, 16)
-    amax = xb.abs().amax(dim=1)
-    c0 = ue4m3_encode(amax / 6.0).to(torch.int32)
-    grid = torch.tensor(_E2M1_ABS, dtype=torch.float32)
-    best_c = c0.clone()
-    best_err = torch.full_like(amax, float("inf"))
-    best_idx = torch.zeros(xb.shape, dtype=torch.int64)
+    ax = np.abs(xb)
+    w = None if qw is None else np.broadcast_to(qw, (rows, C)).reshape(-1, 16)
+    amax = ax.max(axis=1)
+    c0 = ue4m3_encode(amax / np.float32(6)).astype(np.int32)
+    best_c = c0.copy()
+    best_err = np.full(amax.shape, np.inf, dtype=np.float32)
+    best_idx = np.zeros(xb.shape, dtype=np.uint8)
     for k in (0, -1, 1, -2):
-        c = torch.where(amax > 0, (c0 + k).clamp(1, 0x7E), torch.zeros_like(c0))
+        c = np.where(amax > 0, np.clip(c0 + k, 1, 0x7E), 0)
         S = ue4m3_decode(c)
-        idx = _e2m1_index(xb / torch.where(S > 0, S, 1.0)[:, None])
-        e = (xb.abs() - grid[idx] * S[:, None]).pow_(2)
-        err = (e if w is None else e * w).sum(1)
+        idx = _e2m1_index(ax * _safe_inv(S)[:, None])
+        e = ax - _E2M1_ABS_NP[idx] * S[:, None]
+        err = np.einsum("ij,ij->i", e, e) if w is None else np.einsum("ij,ij,ij->i", e, e, w)
         better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_c = torch.where(better, c, best_c)
-        best_idx = torch.where(better[:, None], idx, best_idx)
-    nib = (best_idx + 8 * ((xb < 0) & (best_idx > 0))).to(torch.uint8).numpy().reshape(-1, 4, 16)
+        best_err = np.where(better, err, best_err)
+        best_c = np.where(better, c, best_c)
+        best_idx = np.where(better[:, None], idx, best_idx)
+    nib = (best_idx | (((xb < 0) & (best_idx > 0)).astype(np.uint8) << 3)).reshape(-1, 4, 16)
     qs = (nib[:, :, :8] | (nib[:, :, 8:] << 4)).reshape(-1, 32)
-    return np.concatenate([best_c.to(torch.uint8).numpy().reshape(-1, 4), qs], axis=1)
+    return np.concatenate([best_c.astype(np.uint8).reshape(-1, 4), qs], axis=1)
 
 
 # ---- dequantizers (numpy; operation order mirrors gguf-py so results are bit-identical) ------------------------

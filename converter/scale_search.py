@@ -57,8 +57,8 @@ def e2m1_round_magnitude(a: torch.Tensor) -> torch.Tensor:
     return ((a + magic) - magic).clamp_(max=E2M1_MAX)
 
 
-def _importance_rows(imp: torch.Tensor | None, E: int, N: int, K: int, name: str, device) -> torch.Tensor | None:
-    """Per-row importance [E*N, K] view (expanded, no copy) or None for uniform."""
+def _importance(imp: torch.Tensor | None, E: int, K: int, name: str, device) -> torch.Tensor | None:
+    """Validated importance as [E, K] fp32 (rows of a chunk take row // N), or None for uniform."""
     if imp is None:
         return None
     imp = torch.as_tensor(imp, dtype=torch.float32, device=device)
@@ -69,7 +69,7 @@ def _importance_rows(imp: torch.Tensor | None, E: int, N: int, K: int, name: str
                               + f", got {tuple(imp.shape)}")
     if not bool(torch.isfinite(imp).all()) or bool((imp < 0).any()):
         raise CheckpointError(f"{name}: importance weights must be finite and >= 0")
-    return imp.unsqueeze(1).expand(E, N, K).reshape(E * N, K)
+    return imp
 
 
 def weighted_block_errors(
@@ -79,9 +79,9 @@ def weighted_block_errors(
     _, E, N, K = _as_rows(w, "weight")
     d = dequantize(q).reshape(-1, K)
     err = (w.reshape(-1, K).float() - d) ** 2
-    imp = _importance_rows(importance, E, N, K, "weight", w.device)
+    imp = _importance(importance, E, K, "weight", w.device)
     if imp is not None:
-        err = err * imp
+        err = err * imp.repeat_interleave(N, dim=0)
     return err.view(-1, K // BLOCK, BLOCK).sum(-1).view(*w.shape[:-1], K // BLOCK)
 
 
@@ -139,7 +139,7 @@ def mse_quantize(
     mults = [1.0]
     if search_global:
         mults += [float(m) for m in global_multipliers if float(m) != 1.0 and m > 0]
-    imp_rows = _importance_rows(importance, E, N, K, name, w.device)
+    imp_ek = _importance(importance, E, K, name, w.device)  # [E, K] or None
     R = rows.shape[0]
     # chunk budget: the sweep holds ~6 fp32 temporaries of the chunk at once, like RTN
     step = _rows_per_chunk(K, chunk_elements)
@@ -155,7 +155,7 @@ def mse_quantize(
         for r0 in range(0, R, step):
             x = rows[r0 : r0 + step].float()
             _check_finite(x.abs().amax(dim=-1, keepdim=True), name, r0)
-            imp = imp_rows[r0 : r0 + step] if imp_rows is not None else None
+            imp = imp_ek[row_expert[r0 : r0 + step]] if imp_ek is not None else None  # [r, K] copy of the chunk
             s, err = _sweep_chunk(x, imp, ws2_rows[r0 : r0 + step], offsets)
             scales[r0 : r0 + step] = s.view(torch.uint8)
             total.index_add_(0, row_expert[r0 : r0 + step], err.sum(dim=-1, dtype=torch.float64))
@@ -203,8 +203,9 @@ def error_report(w: torch.Tensor, q: NVFP4Tensor, importance: torch.Tensor | Non
     x = w.reshape(-1, K).float()
     d = dequantize(q).reshape(-1, K)
     rel = float(((x - d).square().sum() / x.square().sum()).sqrt())
-    imp = _importance_rows(importance, E, N, K, "weight", w.device)
+    imp = _importance(importance, E, K, "weight", w.device)
     if imp is None:
         return ErrorReport(rel, rel)
+    imp = imp.repeat_interleave(N, dim=0)
     relw = float((((x - d).square() * imp).sum() / (x.square() * imp).sum()).sqrt())
     return ErrorReport(rel, relw)

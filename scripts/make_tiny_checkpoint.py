@@ -178,9 +178,9 @@ def write_checkpoint(
         enc = "model.encoder.language_model."
         for k in list(arrays):
             if k.startswith("model.decoder.layers.") and not k.endswith("layer_scalar"):
-                arrays[enc + k[len("model.decoder."):]] = arrays[k]
+                arrays[enc + k[len("model.decoder."):]] = arrays[k].copy()
             if k in ("model.decoder.embed_tokens.weight", "model.decoder.norm.weight"):
-                arrays[enc + k[len("model.decoder."):]] = arrays[k]
+                arrays[enc + k[len("model.decoder."):]] = arrays[k].copy()
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     names = sorted(arrays)
     groups = [names[i::shards] for i in range(shards)]

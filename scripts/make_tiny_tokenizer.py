@@ -163,7 +163,7 @@ def _write_bpe(out_dir: Path, vocab_size: int) -> None:
     tok.pre_tokenizer = pre_tokenizers.Split(" ", "merged_with_previous")
     tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
     bos = SPECIAL_TOKEN_IDS[BOS]
-    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B:1",
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS}:0 $A:0 {BOS}:1 $B:1",
                                                        special_tokens=[(BOS, bos)])
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in _special_set(tokens)])
     assert tok.get_vocab_size(with_added_tokens=True) == vocab_size
