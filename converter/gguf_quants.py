@@ -43,7 +43,7 @@ _E2M1_ABS = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 NVFP4_GLOBAL_DIV = 6.0 * 448.0  # ModelOpt weight_scale_2 = amax / (6 * 448)
 
 QUANTIZABLE = (QT.F32, QT.F16, QT.BF16, QT.Q8_0, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.MXFP4, QT.NVFP4)
-_CHUNK_ELEMS_SEARCH = 1 << 15  # elements per work chunk of our searches (temporaries stay in L2)
+_CHUNK_ELEMS_SEARCH = 1 << 17  # elements per work chunk of our searches (temporaries stay in cache)
 _CHUNK_ELEMS_GGUFPY = 1 << 20
 _OURS = (QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.NVFP4)
 
@@ -176,8 +176,10 @@ def nvfp4_global_scale(x: np.ndarray | torch.Tensor, n_lead: int | None = None) 
 
 def ue4m3_encode(x: np.ndarray) -> np.ndarray:
     """float32 >= 0 -> nearest UE4M3 byte (round half up on the first dropped mantissa bit, like
-    ggml_fp32_to_ue4m3), clamped to [0, 448]. Unlike ggml's encoder, [256, 448) keeps its exponent-15 codes
-    0x78..0x7D instead of saturating to 0x7E; every decoder reads them (ModelOpt checkpoints use them)."""
+    ggml_fp32_to_ue4m3), clamped to [0, 448]. Two deliberate differences from ggml's encoder, both places where
+    ggml does not return the nearest code: values that round to [256, 448) keep their exponent-15 codes
+    0x78..0x7D (ggml saturates them to 0x7E = 448; every decoder reads them, ModelOpt checkpoints use them), and
+    [7.5/512, 2^-6) rounds up to 0x08 = 2^-6 (ggml caps the subnormal mantissa at 7)."""
     x = np.clip(np.asarray(x, dtype=np.float32), 0.0, 448.0)
     bits = x.view(np.int32)
     e = ((bits >> 23) & 0xFF) - 127 + 7  # biased UE4M3 exponent
@@ -268,16 +270,43 @@ def _rowdot(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.einsum("ij,ij->i", a, b)
 
 
+# numpy reductions over a short last axis (16, 32) are ~10x slower than elementwise ops: use a BLAS
+# matrix-vector product for sums and pairwise halving for min/max
+_ONES = {n: np.ones(n, dtype=np.float32) for n in (8, 16, 32, 256)}
+
+
+def _rowsum(a: np.ndarray) -> np.ndarray:
+    ones = _ONES.get(a.shape[-1])
+    return a.sum(axis=-1) if ones is None else a @ ones
+
+
+def _rowreduce(a: np.ndarray, op: np.ufunc) -> np.ndarray:
+    w = a.shape[-1]
+    if w & (w - 1):
+        return op.reduce(a, axis=-1)
+    while w > 1:
+        w //= 2
+        a = op(a[..., :w], a[..., w : 2 * w])
+    return a[..., 0]
+
+
+def _signed_absmax(a: np.ndarray) -> np.ndarray:
+    """The entry of largest magnitude per row, with its sign (the positive one on a tie)."""
+    hi, lo = _rowreduce(a, np.maximum), _rowreduce(a, np.minimum)
+    return np.where(hi >= -lo, hi, lo)
+
+
 # ---- element weights -----------------------------------------------------------------------------------
 
 
 def _kquant_weights(xs: np.ndarray, qw: np.ndarray | None, rows: int) -> np.ndarray:
     """Weights for the sub-block fits; xs: (n_superblocks, S, n), each super-block split into S sub-blocks."""
+    x2 = xs * xs
     if qw is None:
-        return np.sqrt((xs * xs).mean(axis=-1, keepdims=True)) + np.abs(xs)
-    sigma2 = np.float32(2.0) * (xs * xs).mean(axis=(-2, -1), keepdims=True)
+        return np.sqrt(_rowsum(x2) / np.float32(xs.shape[-1]))[..., None] + np.abs(xs)
+    sigma2 = (np.float32(2.0 / (xs.shape[-2] * xs.shape[-1])) * _rowsum(x2.reshape(x2.shape[0], -1)))[:, None, None]
     qws = np.broadcast_to(qw, (rows, qw.shape[-1])).reshape(xs.shape)
-    return qws * np.sqrt(sigma2 + xs * xs)
+    return qws * np.sqrt(sigma2 + x2)
 
 
 # ---- sub-block scale searches ------------------------------------------------------------------------------
@@ -287,12 +316,12 @@ def _search_asym(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: f
     """Best (scale >= 0, min >= 0) with x ~ scale*l - min, l in [0, nmax]: for each inverse scale of the grid
     (nmax + rmin + k*rdelta)/range, round, then fit scale and min by weighted least squares; keep the lowest
     weighted squared error. x, w: (N, n) -> (N,), (N,)."""
-    mn = np.minimum(x.min(axis=1), np.float32(0))
-    rng = x.max(axis=1) - mn
+    mn = np.minimum(_rowreduce(x, np.minimum), np.float32(0))
+    rng = _rowreduce(x, np.maximum) - mn
     inv_rng = _safe_inv(rng)
     xs = x - mn[:, None]
     wx = w * x
-    sw, sx, sxx = w.sum(axis=1), wx.sum(axis=1), _rowdot(wx, x)
+    sw, sx, sxx = _rowsum(w), _rowsum(wx), _rowdot(wx, x)
     l = np.empty_like(x)
     wl = np.empty_like(x)
     # start: the plain min/max grid, error evaluated directly (offset form x ~ s*l + m, m <= 0)
@@ -307,7 +336,7 @@ def _search_asym(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: f
         if f > nmax:  # xs/range is in [0, 1]: only a grid wider than nmax can round past it
             np.minimum(l, nmax, out=l)
         np.multiply(w, l, out=wl)
-        sl, sll, sxl = wl.sum(axis=1), _rowdot(wl, l), _rowdot(wl, x)
+        sl, sll, sxl = _rowsum(wl), _rowdot(wl, l), _rowdot(wl, x)
         D = sw * sll - sl * sl
         good = D > 0
         Ds = np.where(good, D, one)
@@ -327,8 +356,7 @@ def _search_asym(x: np.ndarray, w: np.ndarray, nmax: int, rmin: float, rdelta: f
 def _search_sym(x: np.ndarray, w: np.ndarray, nmax: int, nstep: int, delta: float) -> np.ndarray:
     """Best signed scale with x ~ scale*l, l in [-nmax, nmax-1] (ggml make_qx_quants grid: the largest |x| maps
     to -(nmax + k*delta)); x, w: (N, n) -> (N,)."""
-    idx = np.abs(x).argmax(axis=1)[:, None]
-    inv = _safe_inv(np.take_along_axis(x, idx, axis=1)[:, 0])
+    inv = _safe_inv(_signed_absmax(x))
     best_s = np.zeros(x.shape[0], dtype=np.float32)
     best_score = np.full(x.shape[0], -1.0, dtype=np.float32)
     l = np.empty_like(x)
@@ -357,8 +385,8 @@ def _kquant_asym(x: np.ndarray, qw: np.ndarray | None, nmax: int):
     w = _kquant_weights(xs, qw, x.shape[0])
     s, mv = _search_asym(xs.reshape(-1, 32), w.reshape(-1, 32), nmax, -1.0, 0.2, 10)
     s, mv = s.reshape(-1, 8), mv.reshape(-1, 8)
-    d = _f16(s.max(axis=1) / np.float32(63))
-    dm = _f16(mv.max(axis=1) / np.float32(63))
+    d = _f16(_rowreduce(s, np.maximum) / np.float32(63))
+    dm = _f16(_rowreduce(mv, np.maximum) / np.float32(63))
     ls = np.clip(np.rint(s * _safe_inv(d)[:, None]), 0, 63)
     lm = np.clip(np.rint(mv * _safe_inv(dm)[:, None]), 0, 63)
     eff_d = (d[:, None] * ls)[..., None]
@@ -395,8 +423,7 @@ def _q6_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     xs = x.reshape(-1, 16, 16)
     w = _kquant_weights(xs, qw, x.shape[0])
     s = _search_sym(xs.reshape(-1, 16), w.reshape(-1, 16), 32, 6, 0.15).reshape(-1, 16)
-    imax = np.abs(s).argmax(axis=1)[:, None]
-    d = _f16(-np.take_along_axis(s, imax, axis=1)[:, 0] / np.float32(128))  # largest |scale| -> -128
+    d = _f16(-_signed_absmax(s) / np.float32(128))  # the largest |scale| maps to -128
     ls = np.clip(np.rint(s * _safe_inv(d)[:, None]), -128, 127)
     eff = (d[:, None] * ls)[..., None]
     L = (np.clip(np.rint(xs * _safe_inv(eff)), -32, 31) + 32).astype(np.uint8).reshape(-1, 2, 4, 32)
@@ -411,8 +438,9 @@ def _q6_k(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
 def _q5_0_weighted(x: np.ndarray, qw: np.ndarray) -> np.ndarray:
     """Q5_0 with importance: weighted symmetric scale search per 32-block (as ggml quantize_row_q5_0_impl)."""
     rows, C = x.shape
-    sigma2 = (x * x).mean(axis=1, keepdims=True)
-    w = (np.broadcast_to(qw, (rows, C)) * np.sqrt(sigma2 + x * x)).reshape(-1, 32)
+    x2 = x * x
+    sigma2 = x2.mean(axis=1, keepdims=True)
+    w = (np.broadcast_to(qw, (rows, C)) * np.sqrt(sigma2 + x2)).reshape(-1, 32)
     xb = x.reshape(-1, 32)
     d = _f16(_search_sym(xb, w, 16, 9, 0.1))
     q = (np.clip(np.rint(xb * _safe_inv(d)[:, None]), -16, 15) + 16).astype(np.uint8)
@@ -441,7 +469,7 @@ def _nvfp4(x: np.ndarray, qw: np.ndarray | None) -> np.ndarray:
     xb = x.reshape(-1, 16)
     ax = np.abs(xb)
     w = None if qw is None else np.broadcast_to(qw, (rows, C)).reshape(-1, 16)
-    amax = ax.max(axis=1)
+    amax = _rowreduce(ax, np.maximum)
     c0 = ue4m3_encode(amax / np.float32(6)).astype(np.int32)
     best_c = c0.copy()
     best_err = np.full(amax.shape, np.inf, dtype=np.float32)

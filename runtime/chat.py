@@ -76,7 +76,7 @@ GEMMA4_CHAT_TEMPLATE = r"""{%- macro render_content(content) -%}
 {%- if not (loop.first and has_system) -%}
 {%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
 {%- if role not in ['user', 'model', 'system', 'developer'] -%}
-{{- raise_exception("the built-in Gemma 4 template supports roles system, user and assistant/model, not '" + role + "'") -}}
+{{- raise_exception("the built-in Gemma 4 template has no role '" + role + "' (use system, user, assistant)") -}}
 {%- endif -%}
 {%- set role = 'system' if role == 'developer' else role -%}
 {{- '<|turn>' + role + '\n' -}}
@@ -183,8 +183,14 @@ def _compile(template: str) -> Any:
     def strftime_now(fmt: str) -> str:
         return datetime.now().strftime(fmt)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_Generation, jinja2.ext.loopcontrols])
+    class _StrictSandbox(ImmutableSandboxedEnvironment):
+        # Jinja's sandbox turns an unsafe attribute into an Undefined that renders as ''; raising at once
+        # makes a template that reaches for Python internals fail loudly instead.
+        def unsafe_undefined(self, obj: Any, attribute: str) -> Any:
+            raise jinja2.exceptions.SecurityError(
+                f"access to attribute {attribute!r} of {type(obj).__name__!r} object is unsafe")
+
+    env = _StrictSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = strftime_now
@@ -259,6 +265,19 @@ def render_chat(messages: Sequence[Mapping[str, Any]], template: str | None = No
         raise ChatTemplateError(f"chat template failed: {e}") from e
     except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, RecursionError) as e:
         raise ChatTemplateError(f"chat template failed: {type(e).__name__}: {e}") from e
+
+
+def encode_chat(tokenizer: Any, messages: Sequence[Mapping[str, Any]], *, template: str | None = None,
+                add_generation_prompt: bool = True, enable_thinking: bool = False, **kwargs: Any) -> list[int]:
+    """Prompt ids for `messages`: render with `template`, else the tokenizer's checkpoint template, else the
+    built-in one, then encode without adding BOS (the template writes it), as HF's
+    `apply_chat_template(tokenize=True)` does."""
+    if template is None:
+        template = getattr(tokenizer, "chat_template", None)
+    text = render_chat(messages, template, add_generation_prompt=add_generation_prompt,
+                       enable_thinking=enable_thinking, bos_token=tokenizer.bos_token, eos_token=tokenizer.eos_token,
+                       **kwargs)
+    return tokenizer.encode(text, add_bos=False)
 
 
 def split_thoughts(text: str) -> tuple[str, str]:

@@ -101,12 +101,21 @@ class Attention(nn.Module):
         v = rms_norm(v_raw, None, self.eps)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, heads, T, D]
 
-    def _attend(self, q, k, v, mask: torch.Tensor | None, causal: bool = False) -> torch.Tensor:
+    def _attend(self, q, k, v, mask: torch.Tensor | None, causal: bool = False, dead: torch.Tensor | None = None) -> torch.Tensor:
         # scaling 1.0 (q/k are RMS-normed), no softcap; mask [B, T, S] bool, True = visible
+        # GQA: the reference lets SDPA broadcast kv heads only without a mask and for head_dim <= 256, and
+        # repeats them otherwise; doing the same keeps the kernels (and so the rounding) identical
+        gqa = mask is None and k.shape[-1] <= 256
+        if not gqa and k.shape[1] != q.shape[1]:
+            rep = q.shape[1] // k.shape[1]
+            k = k[:, :, None].expand(-1, -1, rep, -1, -1).reshape(k.shape[0], -1, k.shape[2], k.shape[3])
+            v = v[:, :, None].expand(-1, -1, rep, -1, -1).reshape(v.shape[0], -1, v.shape[2], v.shape[3])
         o = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=None if mask is None else mask[:, None], is_causal=causal, scale=1.0, enable_gqa=True
+            q, k, v, attn_mask=None if mask is None else mask[:, None], is_causal=causal, scale=1.0, enable_gqa=gqa
         )
         B, _, T, _ = o.shape
+        if dead is not None:
+            o = o.masked_fill(dead[:, None, :, None], 0.0)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
     def encode(self, h, cos, sin, positions, valid, cache: KVCache, lk) -> torch.Tensor:
@@ -141,9 +150,12 @@ class Attention(nn.Module):
         if S == T and bool(valid.all()) and torch.equal(allowed, causal):
             return self._attend(q, keys, vals, None, causal=True)  # plain causal: the fast fused path
         mask = allowed[None] & kval[:, None, :]  # [B, T, S]
-        # a padding query sees at least itself, so no row is fully masked (its output is never used)
-        mask[:, torch.arange(T, device=h.device), self_slot] = True
-        return self._attend(q, keys, vals, mask)
+        # A padding query may see no key at all. Its output is defined as zero (what torch's SDPA returns on CPU
+        # and what the reference therefore computes); letting it see itself avoids NaN on other backends.
+        dead = ~mask.any(dim=-1)  # [B, T]
+        if bool(dead.any()):
+            mask[:, torch.arange(T, device=h.device), self_slot] |= dead
+        return self._attend(q, keys, vals, mask, dead=dead if bool(dead.any()) else None)
 
     def decode(self, h, cos, sin, cache: KVCache, lk) -> torch.Tensor:
         """Bidirectional pass over the canvas; reads the cache, writes only the scratch slots."""

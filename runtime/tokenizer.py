@@ -198,7 +198,7 @@ class _HFBackend:
     def __init__(self, tok: Any, alias: dict[int, int] | None = None) -> None:
         self.tok = tok
         self.alias = alias or {}  # duplicate-string ids -> the id that owns the string in the model vocab
-        self.size = tok.get_vocab_size(with_added_tokens=True)
+        self.size = max([tok.get_vocab_size(with_added_tokens=True)] + [i + 1 for i in self.alias])
         self.added = {int(i): t for i, t in tok.get_added_tokens_decoder().items()}
 
     def encode(self, text: str) -> list[int]:
@@ -285,12 +285,12 @@ class _SPMBackend:
             i = int(i)
             if not 0 <= i < self.size:
                 continue
+            if skip_special_tokens and i in self._special:
+                continue  # removed before byte runs are joined, as in `tokenizers`
             if i in self._byte:
                 run.append(self._byte[i])
                 continue
             flush()
-            if skip_special_tokens and i in self._special:
-                continue
             out.append(self.pieces[i][0].replace(_SPACE, " "))
         flush()
         return "".join(out)
@@ -424,7 +424,8 @@ class Tokenizer:
         json_path, spm_path = d / "tokenizer.json", d / "tokenizer.model"
         backend: _HFBackend | _SPMBackend
         if json_path.is_file():
-            backend = cls._load_tokenizer_json(json_path, cfg_added)
+            gemma_class = str(cfg.get("tokenizer_class", "GemmaTokenizer")).removesuffix("Fast") == "GemmaTokenizer"
+            backend = cls._load_tokenizer_json(json_path, cfg_added, gemma_class)
             source = str(json_path)
         elif spm_path.is_file():
             backend = cls._load_sentencepiece(spm_path, cfg_added)
@@ -439,15 +440,24 @@ class Tokenizer:
                    source=source)
 
     @staticmethod
-    def _load_tokenizer_json(path: Path, cfg_added: Mapping[str, bool]) -> _HFBackend:
+    def _load_tokenizer_json(path: Path, cfg_added: Mapping[str, bool], gemma_class: bool) -> _HFBackend:
         from tokenizers import AddedToken
         from tokenizers import Tokenizer as HFTokenizer
 
-        _read_json(path)  # a clear error for truncated / non-JSON files before the Rust parser sees it
         try:
             tok = HFTokenizer.from_file(str(path))
         except Exception as e:  # the Rust parser raises plain Exception
+            _read_json(path)  # a clearer message for truncated / non-JSON files
             raise FormatError(f"{path}: not a valid tokenizer.json ({e})") from e
+        if gemma_class:
+            # HF's GemmaTokenizer keeps only the vocabulary, merges, added tokens and post-processor of the file
+            # and rebuilds the rest; do the same so that the ids match HF for any file.
+            if type(tok.model).__name__ != "BPE":
+                raise FormatError(f"{path}: GemmaTokenizer needs a BPE model, found {type(tok.model).__name__}")
+            m = tok.model
+            m.byte_fallback, m.fuse_unk, m.dropout, m.ignore_merges = True, True, None, False
+            m.continuing_subword_prefix, m.end_of_word_suffix = None, None
+            _gemma_pipeline(tok)
         known = {t.content for t in tok.get_added_tokens_decoder().values()}
         for content, special in cfg_added.items():
             if content not in known and tok.token_to_id(content) is not None:
@@ -555,10 +565,11 @@ class Tokenizer:
         """The `tokenizer.ggml.*` arrays for this vocabulary, as llama.cpp's Gemma 4 converter writes them.
 
         tokenizer.json: every score is -1000 and types follow gguf.LlamaHfVocab (BYTE for <0xNN>, CONTROL for
-        special ids, NORMAL otherwise) with the 7 tool/channel markers forced to USER_DEFINED; merges come from
-        the BPE model. tokenizer.model: SentencePiece scores and types; merges are derived from the vocabulary
-        in id order (as HF derives them when it imports a SentencePiece BPE), so a `gemma4` BPE rebuilt from
-        them reproduces the ids.
+        special ids, NORMAL otherwise) with the 7 tool/channel markers forced to USER_DEFINED, and non-special
+        added tokens USER_DEFINED (so llama.cpp also keeps them whole); merges come from the BPE model.
+        tokenizer.model: SentencePiece scores and types; merges are derived from the vocabulary in id order (as
+        HF derives them when it imports a SentencePiece BPE), so a `gemma4` BPE rebuilt from them reproduces
+        the ids.
         """
         tokens: list[str] = []
         for i in range(self.vocab_size):

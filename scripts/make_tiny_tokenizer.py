@@ -62,7 +62,9 @@ def build_corpus(seed: int = 0) -> list[str]:
     """Deterministic training documents: English prose, Python code, unicode samples, whitespace runs."""
     rng = random.Random(seed)
     # Pseudo-words from syllables widen the vocabulary so that large vocab sizes fill up with real merges.
-    onsets, vowels, codas = "b c d f g h k l m n p r s t v w br cr dr st tr pl gr ch sh th".split(), "a e i o u ea ou ai".split(), ["", "", "n", "r", "s", "t", "l", "nd", "st", "ng"]
+    onsets = "b c d f g h k l m n p r s t v w br cr dr st tr pl gr ch sh th".split()
+    vowels = "a e i o u ea ou ai".split()
+    codas = ["", "", "n", "r", "s", "t", "l", "nd", "st", "ng"]
     pseudo = sorted({"".join(rng.choice(onsets) + rng.choice(vowels) + rng.choice(codas)
                              for _ in range(rng.randint(1, 3))) for _ in range(3000)})
     lexicon = _WORDS * 8 + pseudo

@@ -29,7 +29,7 @@ def tiny_checkpoint(tmp_path_factory):
     made: dict[tuple, Path] = {}
 
     def make(preset: str = "tiny-a", **kw) -> Path:
-        key = (preset, tuple(sorted(kw.items())))
+        key = (preset, repr(sorted(kw.items())))
         if key not in made:
             out = tmp_path_factory.mktemp(preset)
             made[key] = tiny.write_checkpoint(out, preset, **kw)

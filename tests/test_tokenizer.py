@@ -299,10 +299,10 @@ def test_gguf_file_round_trip(tok_dirs: dict, corpus: list[str], tmp_path: Path)
 
 
 def test_gguf_metadata_errors() -> None:
-    toks = ["<pad>", "<eos>", "<bos>", "<unk>", "a", "b"]
-    types_ = [3, 3, 3, 2, 1, 1]
+    toks = ["<pad>", "<eos>", "<bos>", "<unk>", "a", "b", "ab", "<0x63>"]
+    types_ = [3, 3, 3, 2, 1, 1, 1, 6]
     ok = Tokenizer.from_gguf_metadata(toks, None, types_, ["a b"], bos_id=2, eos_id=1, unk_id=3, pad_id=0)
-    assert ok.encode("ab", add_bos=False) == [6] if ok.vocab_size > 6 else True
+    assert ok.encode("abcab") == [2, 6, 7, 6] and ok.decode([6, 7, 1]) == "abc<eos>"
     with pytest.raises(FormatError):
         Tokenizer.from_gguf_metadata(toks, None, types_, ["a c"], bos_id=2, eos_id=1)
     with pytest.raises(FormatError):
@@ -355,3 +355,34 @@ def test_encode_rejects_non_text(tok_dirs: dict) -> None:
         tok.encode(b"bytes")  # type: ignore[arg-type]
     with pytest.raises(DGemmaError):
         tok.decode([[1, 2], [3]])
+
+
+def test_gemma_class_pipeline_and_config_added_tokens(tok_dirs: dict, corpus: list[str], tmp_path: Path) -> None:
+    """HF's GemmaTokenizer rebuilds the normalizer / pre-tokenizer / decoder whatever tokenizer.json says and
+    adds the tokens of tokenizer_config.json's added_tokens_decoder; the runtime matches it in both cases."""
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    src = tok_dirs[("bpe", 320)]
+    tj = json.loads((src / "tokenizer.json").read_text(encoding="utf-8"))
+    cfg = json.loads((src / "tokenizer_config.json").read_text(encoding="utf-8"))
+    added = {str(t["id"]): {k: v for k, v in t.items() if k != "id"} for t in tj["added_tokens"]}
+    tj["pre_tokenizer"] = {"type": "Whitespace"}  # a foreign pipeline that GemmaTokenizer ignores
+    tj["decoder"] = {"type": "Strip", "content": " ", "start": 1, "stop": 1}
+    tj["added_tokens"] = [t for t in tj["added_tokens"] if t["content"] != "<|think|>"]
+    cfg["added_tokens_decoder"] = added
+    d = tmp_path / "foreign"
+    d.mkdir()
+    (d / "tokenizer.json").write_text(json.dumps(tj), encoding="utf-8")
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg), encoding="utf-8")
+    mine, hf = Tokenizer.from_pretrained(d), transformers.AutoTokenizer.from_pretrained(str(d))
+    texts = corpus + ["<|think|> thinking on"]
+    assert [mine.encode(t) for t in texts] == [hf.encode(t) for t in texts]
+    assert [mine.decode(mine.encode(t)) for t in texts] == [hf.decode(hf.encode(t)) for t in texts]
+    assert mine.encode("<|think|>", add_bos=False) == [98]
+
+
+def test_gguf_duplicate_token_strings() -> None:
+    toks = ["<pad>", "<eos>", "<bos>", "<unk>", "a", "b", "ab", "ab"]
+    tok = Tokenizer.from_gguf_metadata(toks, None, [3, 3, 3, 2, 1, 1, 1, 1], ["a b"], bos_id=2, eos_id=1)
+    assert tok.encode("ab", add_bos=False) == [6]
+    assert tok.decode([6, 7]) == "abab" and tok.id_to_token(7) == "ab"

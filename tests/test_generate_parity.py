@@ -1,0 +1,122 @@
+"""Reference-RNG mode: same seed -> the same tokens and tokens_per_forward as HF `generate` (CPU, float32)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dgemma.runtime.errors import GenerationError
+from dgemma.runtime.generate import generate
+from dgemma.runtime.loading import load_model
+
+from conftest import load_hf
+
+
+def _pair(tiny_checkpoint, preset, **kw):
+    path = tiny_checkpoint(preset, **kw)
+    return load_model(path), load_hf(path, preset)
+
+
+def _check(ours, hf, ids, mask=None, seed=0, **kw):
+    torch.manual_seed(seed)
+    a = generate(ours, ids, mask, **kw)
+    hf_kw = dict(kw)
+    if hf_kw.pop("adaptive_stopping", True) is False:
+        hf_kw["stability_threshold"] = None  # the reference turns adaptive stopping off this way
+    if mask is not None:
+        hf_kw["attention_mask"] = mask
+    torch.manual_seed(seed)
+    b = hf.generate(ids, **hf_kw)
+    print(f"steps/canvas {a.steps_per_canvas} tpf ours {a.tokens_per_forward.tolist()} ref {b.tokens_per_forward.tolist()}")
+    assert torch.equal(a.sequences, b.sequences)
+    assert torch.equal(a.tokens_per_forward, b.tokens_per_forward.float())
+    return a
+
+
+CASES = [
+    dict(),  # checkpoint defaults: one canvas, adaptive stopping on
+    dict(max_new_tokens=40),  # three canvases (rounded up)
+    dict(adaptive_stopping=False, max_denoising_steps=5),
+    dict(max_denoising_steps=6, t_min=0.1, t_max=1.5, entropy_bound=0.7, confidence_threshold=0.5,
+         stability_threshold=2),
+]
+
+
+@pytest.mark.parametrize("preset", ["tiny-a", "tiny-b"])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_batch1_matches_reference(tiny_checkpoint, preset, case):
+    ours, hf = _pair(tiny_checkpoint, preset)
+    ids = torch.randint(5, ours.cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(case))
+    _check(ours, hf, ids, seed=100 + case, **CASES[case])
+
+
+@pytest.mark.parametrize("preset", ["tiny-a", "tiny-c"])
+def test_batch2_different_prompt_lengths(tiny_checkpoint, preset):
+    ours, hf = _pair(tiny_checkpoint, preset)
+    V = ours.cfg.vocab_size
+    g = torch.Generator().manual_seed(5)
+    long, short = torch.randint(5, V, (13,), generator=g), torch.randint(5, V, (6,), generator=g)
+    ids = torch.zeros(2, 13, dtype=torch.long)
+    mask = torch.zeros(2, 13, dtype=torch.long)
+    ids[0], mask[0] = long, 1
+    ids[1, 7:], mask[1, 7:] = short, 1  # left padding
+    _check(ours, hf, ids, mask, seed=3, max_new_tokens=2 * ours.cfg.canvas_length)
+    # the list form left-pads the same way
+    torch.manual_seed(3)
+    a = generate(ours, [long.tolist(), short.tolist()], max_new_tokens=2 * ours.cfg.canvas_length)
+    torch.manual_seed(3)
+    b = generate(ours, ids, mask, max_new_tokens=2 * ours.cfg.canvas_length)
+    assert torch.equal(a.sequences, b.sequences)
+
+
+@pytest.mark.parametrize("preset", ["tiny-a", "tiny-b"])
+def test_eos_inside_a_canvas(tiny_checkpoint, preset):
+    """Pick an EOS id that the model actually produces mid-canvas, then check pad finalisation matches."""
+    ours = load_model(tiny_checkpoint(preset))
+    V, C = ours.cfg.vocab_size, ours.cfg.canvas_length
+    ids = torch.randint(5, V, (2, 8), generator=torch.Generator().manual_seed(11))
+    torch.manual_seed(21)
+    probe = generate(ours, ids, max_new_tokens=3 * C, eos_token_ids=(V - 1,), pad_token_id=0)
+    new = probe.new_tokens[0]
+    eos_id = int(new[C // 2])  # a token produced in the middle of the first canvas
+    path = tiny_checkpoint(preset, eos=[eos_id])
+    ours, hf = load_model(path), load_hf(path, preset)
+    a = _check(ours, hf, ids, seed=21, max_new_tokens=3 * C)
+    gen = a.new_tokens
+    assert (gen == eos_id).any() and (gen == 0).any(), "EOS must occur and be followed by pad"
+
+
+def test_explicit_generator_equals_global_seed(tiny_checkpoint):
+    ours = load_model(tiny_checkpoint("tiny-a"))
+    ids = torch.randint(5, ours.cfg.vocab_size, (1, 5), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(42)
+    a = generate(ours, ids, max_new_tokens=32)
+    b = generate(ours, ids, max_new_tokens=32, generator=torch.Generator().manual_seed(42))
+    assert torch.equal(a.sequences, b.sequences)
+
+
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        (dict(t_min=0.9, t_max=0.8), "t_max must be greater than t_min"),
+        (dict(max_denoising_steps=0), "steps"),
+        (dict(entropy_bound=0.0), "entropy_bound must be > 0"),
+        (dict(entropy_bound=float("nan")), "finite"),
+        (dict(confidence_threshold=-1.0), "confidence_threshold"),
+        (dict(stability_threshold=-1), "stability"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(bogus=1), "unknown generation parameter"),
+    ],
+)
+def test_impossible_sampler_settings(tiny_checkpoint, kw, needle):
+    ours = load_model(tiny_checkpoint("tiny-a"))
+    with pytest.raises(GenerationError, match=needle):
+        generate(ours, torch.tensor([[5, 6, 7]]), **kw)
+
+
+def test_prompt_longer_than_context(tiny_checkpoint):
+    ours = load_model(tiny_checkpoint("tiny-a"))
+    n = ours.cfg.max_position_embeddings
+    with pytest.raises(GenerationError, match="prompt too long"):
+        generate(ours, torch.full((1, n), 7))
+    with pytest.raises(GenerationError, match="outside the vocabulary"):
+        generate(ours, torch.tensor([[5, ours.cfg.vocab_size + 3]]))
