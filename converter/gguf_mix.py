@@ -20,6 +20,7 @@ only possible on toy configs) llama-quantize aborts; we fall back to F16 with a 
 from __future__ import annotations
 
 import logging
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -48,9 +49,11 @@ MIXES: dict[str, tuple[FT, QT]] = {
     "nvfp4": (FT.MOSTLY_NVFP4, QT.NVFP4),
 }
 
-# llama.cpp tensor_category
-TOKEN_EMBD, ATTN_Q, ATTN_V, ATTN_K, ATTN_QKV, ATTN_KV_B, ATTN_OUTPUT = "token_embd", "attn_q", "attn_v", "attn_k", "attn_qkv", "attn_kv_b", "attn_output"
-FFN_UP, FFN_GATE, FFN_DOWN, OUTPUT, OTHER = "ffn_up", "ffn_gate", "ffn_down", "output", "other"
+# llama.cpp tensor_category values
+TOKEN_EMBD, OUTPUT, OTHER = "token_embd", "output", "other"
+ATTN_Q, ATTN_K, ATTN_V, ATTN_OUTPUT = "attn_q", "attn_k", "attn_v", "attn_output"
+ATTN_QKV, ATTN_KV_B = "attn_qkv", "attn_kv_b"
+FFN_UP, FFN_GATE, FFN_DOWN = "ffn_up", "ffn_gate", "ffn_down"
 
 _FALLBACK = {QT.Q4_K: QT.Q5_0, QT.Q5_K: QT.Q5_1, QT.Q6_K: QT.Q8_0, QT.Q2_K: QT.Q4_0, QT.Q3_K: QT.Q4_0}
 
@@ -102,8 +105,8 @@ def use_more_bits(i_layer: int, n_layers: int) -> bool:
 
 
 def _cmod(a: int, b: int) -> int:
-    """C's % (truncates toward zero), used as llama.cpp does."""
-    return int(np.fmod(a, b))
+    """C's % (truncates toward zero), as llama.cpp computes it."""
+    return int(math.fmod(a, b))
 
 
 @dataclass
@@ -139,7 +142,9 @@ def tensor_types(cfg: DGConfig, mix: str) -> list[tuple[GGUFTensorSpec, QT]]:
             n_fallback += t != want
         out.append((s, t))
     if n_fallback:
-        logger.info("--type %s: %d of %d tensors fell back to another type (row length vs block size)", mix, n_fallback, len(out))
+        logger.info(
+            "--type %s: %d of %d tensors fell back to another type (row length vs block size)", mix, n_fallback, len(out)
+        )
     return out
 
 
@@ -245,5 +250,8 @@ def _fallback(s: GGUFTensorSpec, t: QT) -> QT:
     if ret is None or ncols % block_size(ret):
         ret = QT.F16
     log = logger.warning if ret == QT.F16 else logger.debug  # the F16 case is ours: llama.cpp would abort
-    log("%s: ncols %d not divisible by %d (%s) -> falling back to %s", s.gguf_name, ncols, block_size(t), ggml_type_name(t), ggml_type_name(ret))
+    log(
+        "%s: ncols %d not divisible by %d (%s) -> falling back to %s",
+        s.gguf_name, ncols, block_size(t), ggml_type_name(t), ggml_type_name(ret),
+    )
     return ret

@@ -187,6 +187,8 @@ def gguf_tensor_data(cfg: DGConfig, spec: GGUFTensorSpec, get: Callable[[str], t
         t = get(name)
         if not isinstance(t, torch.Tensor):
             raise CheckpointError(f"{name}: expected a torch.Tensor from the checkpoint, got {type(t).__name__}")
+        if t.ndim == 0 and want == (1,):  # a scalar stored 0-d
+            t = t.reshape(1)
         if tuple(t.shape) != want:
             raise CheckpointError(f"{name}: shape {tuple(t.shape)}, expected {want} for {spec.gguf_name}")
         srcs.append(t)

@@ -26,14 +26,11 @@ imatrix path); without it w = rms(sub-block) + |x| (ggml's q4_K/q5_K reference w
 """
 from __future__ import annotations
 
-import logging
 import gguf
 import numpy as np
 import torch
 
 from dgemma.runtime.errors import FormatError
-
-logger = logging.getLogger(__name__)
 
 QT = gguf.GGMLQuantizationType
 QK_K = 256
@@ -87,26 +84,24 @@ def quantize(
     one per leading index (shape (E,) for a 3-D expert tensor); use `nvfp4_global_scale`.
     """
     if qtype not in QUANTIZABLE:
-        raise FormatError(f"dgemma cannot quantize to {qtype.name}; supported: {', '.join(t.name for t in QUANTIZABLE)}")
-    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
-    if t.ndim == 0 or not t.is_floating_point():
-        raise FormatError(f"quantize expects a floating tensor with at least 1 dim, got {tuple(t.shape)} {t.dtype}")
-    C = t.shape[-1]
+        names = ", ".join(t.name for t in QUANTIZABLE)
+        raise FormatError(f"dgemma cannot quantize to {qtype.name}; supported: {names}")
+    x3 = _Rows(x)  # x viewed as (L, R, C), converted to float32 chunk by chunk
+    shape, C = x3.shape, x3.C
     if qtype == QT.F32:
-        return t.detach().to(torch.float32).numpy()
+        return x3.all()
     if qtype == QT.F16:
-        return t.detach().to(torch.float32).numpy().astype(np.float16)
+        return x3.all().astype(np.float16)
     nbytes = row_nbytes(qtype, C)
-    x3 = t.detach().reshape(-1, t.shape[-2] if t.ndim > 1 else 1, C)  # (L, R, C)
-    qw3 = _importance_3d(importance, tuple(t.shape)) if qtype in (QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q5_0, QT.NVFP4) else None
+    qw3 = _importance_3d(importance, shape) if qtype in (QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.Q5_0, QT.NVFP4) else None
     g3 = None
     if qtype == QT.NVFP4:
         if global_scale is None:
             raise FormatError("NVFP4 needs global_scale (the `.scale` tensor value); use nvfp4_global_scale(x)")
-        g3 = _global_scale_3d(global_scale, x3.shape[0])
+        g3 = _global_scale_3d(global_scale, x3.L)
     elif global_scale is not None:
         raise FormatError(f"global_scale only applies to NVFP4, not {qtype.name}")
-    out = np.empty((x3.shape[0], x3.shape[1], nbytes), dtype=np.uint8)
+    out = np.empty((x3.L, x3.R, nbytes), dtype=np.uint8)
     # small chunks keep the search temporaries in cache; gguf-py's quantizers prefer bigger ones
     chunk = _CHUNK_ELEMS_SEARCH if qtype in _OURS else _CHUNK_ELEMS_GGUFPY
     for li, r0, r1, xc, qwc in _chunks(x3, qw3, max(1, chunk // C)):
@@ -125,7 +120,7 @@ def quantize(
         else:  # BF16, Q8_0, Q5_1, MXFP4, Q5_0 without importance: gguf-py's reference quantizers
             blk = gguf.quants.quantize(xc, qtype)
         out[li, r0:r1] = blk.reshape(r1 - r0, nbytes)
-    return out.reshape(*t.shape[:-1], nbytes)
+    return out.reshape(*shape[:-1], nbytes)
 
 
 def dequantize(data: np.ndarray, qtype: QT, shape: tuple[int, ...] | None = None) -> np.ndarray:
@@ -158,17 +153,17 @@ def nvfp4_global_scale(x: np.ndarray | torch.Tensor, n_lead: int | None = None) 
     """The F32 `.scale` for an NVFP4 tensor: amax / (6 * 448) (ModelOpt's weight_scale_2), one value per index
     of the first `n_lead` axes (default: per expert for 3-D, per tensor otherwise), shape (E,) or (1,).
     An all-zero slice gets 1.0 (as ModelOpt does for uncalibrated experts)."""
-    t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
+    r = _Rows(x)
     if n_lead is None:
-        n_lead = 1 if t.ndim == 3 else 0
-    lead = t.shape[:n_lead]
-    flat = t.detach().reshape(int(np.prod(lead, dtype=np.int64)) if n_lead else 1, -1)
-    amax = torch.stack([c.abs().amax().to(torch.float32) for c in flat])  # per slice: no full f32 copy
-    g = amax / NVFP4_GLOBAL_DIV
-    g = torch.where(g > 0, g, torch.ones_like(g))
-    if not torch.isfinite(g).all():
+        n_lead = 1 if len(r.shape) == 3 else 0
+    lead = r.shape[:n_lead]
+    flat = r.x.reshape(int(np.prod(lead, dtype=np.int64)) if n_lead else 1, -1)
+    # per slice, so the float32 copy stays one expert big
+    amax = np.array([np.abs(r.to_f32(c)).max() if c.shape[0] else 0.0 for c in flat], dtype=np.float32)
+    if not np.isfinite(amax).all():
         raise FormatError("cannot compute an NVFP4 global scale: the tensor has NaN or Inf values")
-    return g.numpy().astype(np.float32).reshape(lead if n_lead else (1,))
+    g = amax / np.float32(NVFP4_GLOBAL_DIV)
+    return np.where(g > 0, g, np.float32(1)).astype(np.float32).reshape(lead if n_lead else (1,))
 
 
 # ---- FP8 (UE4M3) scale codec ------------------------------------------------------------------------------
@@ -194,7 +189,8 @@ def ue4m3_decode(code: np.ndarray) -> np.ndarray:
     """UE4M3 byte -> true float32 value (ggml's decoder returns half of it); 0x00 and 0x7F decode to 0."""
     c = np.asarray(code).astype(np.int32)
     e, m = (c >> 3) & 0xF, (c & 7).astype(np.float32)
-    val = np.where(e == 0, m * np.float32(2.0**-9), (np.float32(1) + m / np.float32(8)) * np.exp2(e - 7).astype(np.float32))
+    normal = (np.float32(1) + m / np.float32(8)) * np.exp2(e - 7).astype(np.float32)
+    val = np.where(e == 0, m * np.float32(2.0**-9), normal)
     return np.where((c == 0) | (c == 0x7F), np.float32(0), val).astype(np.float32)
 
 
@@ -206,6 +202,8 @@ def _importance_3d(qw: np.ndarray | torch.Tensor | None, shape: tuple[int, ...])
     if qw is None:
         return None
     q = qw.detach().to(torch.float32).numpy() if isinstance(qw, torch.Tensor) else np.asarray(qw, dtype=np.float32)
+    if len(shape) == 3 and q.shape == (shape[0], shape[2]):
+        q = q[:, None, :]  # [E, K]: one importance vector per expert (the calibration layout)
     try:
         b = np.broadcast_shapes(q.shape, shape)
     except ValueError:
@@ -230,7 +228,8 @@ def _importance_3d(qw: np.ndarray | torch.Tensor | None, shape: tuple[int, ...])
 
 
 def _global_scale_3d(g: np.ndarray | torch.Tensor | float, L: int) -> np.ndarray:
-    t = (g.detach().to(torch.float32).numpy() if isinstance(g, torch.Tensor) else np.asarray(g, dtype=np.float32)).reshape(-1)
+    t = g.detach().to(torch.float32).numpy() if isinstance(g, torch.Tensor) else np.asarray(g, dtype=np.float32)
+    t = t.reshape(-1)
     if t.size not in (1, L):
         raise FormatError(f"global_scale has {t.size} values; expected 1 or {L} (one per leading index)")
     if not np.isfinite(t).all() or (t <= 0).any():
@@ -238,13 +237,45 @@ def _global_scale_3d(g: np.ndarray | torch.Tensor | float, L: int) -> np.ndarray
     return np.broadcast_to(t, (L,)).copy()
 
 
-def _chunks(x3: torch.Tensor, qw3: np.ndarray | None, rows_per_chunk: int):
+class _Rows:
+    """A numpy array or torch tensor (any float dtype) viewed as (L, R, C) without copying; rows come out as
+    float32 numpy chunks."""
+
+    def __init__(self, x: np.ndarray | torch.Tensor):
+        if isinstance(x, torch.Tensor):
+            ok = x.is_floating_point()
+            self.x = x.detach()
+        else:
+            self.x = np.asarray(x)
+            ok = np.issubdtype(self.x.dtype, np.floating)
+        self.shape = tuple(self.x.shape)
+        if not self.shape or not ok:
+            raise FormatError(
+                f"quantize expects a floating tensor with at least 1 dim, got {self.shape} {self.x.dtype}"
+            )
+        self.C = self.shape[-1]
+        self.R = self.shape[-2] if len(self.shape) > 1 else 1
+        self.x3 = self.x.reshape(-1, self.R, self.C)
+        self.L = self.x3.shape[0]
+
+    def to_f32(self, a: np.ndarray | torch.Tensor) -> np.ndarray:
+        if isinstance(a, torch.Tensor):
+            return a.to(torch.float32).numpy()
+        return np.asarray(a, dtype=np.float32)
+
+    def rows(self, li: int, r0: int, r1: int) -> np.ndarray:
+        return np.ascontiguousarray(self.to_f32(self.x3[li, r0:r1]))
+
+    def all(self) -> np.ndarray:
+        return np.ascontiguousarray(self.to_f32(self.x))
+
+
+def _chunks(x3: _Rows, qw3: np.ndarray | None, rows_per_chunk: int):
     """Yield (l, r0, r1, x float32 (rows, C), importance (rows|1, C) or None) over x viewed as (L, R, C)."""
-    L, R, _ = x3.shape
-    for li in range(L):
-        for r0 in range(0, R, rows_per_chunk):
-            r1 = min(R, r0 + rows_per_chunk)
-            xc = np.ascontiguousarray(x3[li, r0:r1].to(torch.float32).numpy())
+    for li in range(x3.L):
+        for r0 in range(0, x3.R, rows_per_chunk):
+            r1 = min(x3.R, r0 + rows_per_chunk)
+            xc = x3.rows(li, r0, r1)
             qwc = None
             if qw3 is not None:
                 q = qw3[li if qw3.shape[0] > 1 else 0]
@@ -575,7 +606,8 @@ def _dq_mxfp4(b: np.ndarray) -> np.ndarray:
 def _ue4m3_half_np(c: np.ndarray) -> np.ndarray:
     e = (c >> 3).astype(np.int32) & 0xF
     m = (c & 7).astype(np.float32)
-    v = np.where(e == 0, m * np.float32(2.0**-9), (np.float32(1) + m / np.float32(8)) * np.exp2(e - 7).astype(np.float32))
+    normal = (np.float32(1) + m / np.float32(8)) * np.exp2(e - 7).astype(np.float32)
+    v = np.where(e == 0, m * np.float32(2.0**-9), normal)
     return np.where((c == 0) | (c == 0x7F), np.float32(0), v * np.float32(0.5)).astype(np.float32)
 
 

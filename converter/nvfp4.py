@@ -68,7 +68,9 @@ class NVFP4Tensor:
             raise CheckpointError(f"NVFP4 shapes disagree: weight {tuple(w.shape)}, weight_scale {tuple(s.shape)}")
         want = tuple(w.shape[:-2])
         if tuple(g.shape) != want:
-            raise CheckpointError(f"weight_scale_2 has shape {tuple(g.shape)}, expected {want} for weight {tuple(w.shape)}")
+            raise CheckpointError(
+                f"weight_scale_2 has shape {tuple(g.shape)}, expected {want} for weight {tuple(w.shape)}"
+            )
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -158,10 +160,10 @@ def _rows_per_chunk(K: int, chunk_elements: int) -> int:
 
 
 def _check_finite(x: torch.Tensor, name: str, row0: int) -> None:
+    """x: per-row reductions [r, ...] of rows starting at flattened row row0 (amax propagates NaN/Inf)."""
     if not bool(torch.isfinite(x).all()):
-        bad = (~torch.isfinite(x)).nonzero()[0].tolist()
-        raise CheckpointError(f"{name}: non-finite value (NaN/Inf) at flattened row {row0 + bad[0]}, column "
-                              f"{bad[1] if len(bad) > 1 else '?'}; refusing to quantize")
+        row = row0 + int((~torch.isfinite(x)).nonzero()[0, 0])
+        raise CheckpointError(f"{name}: non-finite value (NaN/Inf) in (flattened) row {row}; refusing to quantize")
 
 
 def tensor_amax(w: torch.Tensor, *, name: str = "weight", chunk_elements: int = DEFAULT_CHUNK_ELEMENTS) -> torch.Tensor:
@@ -186,19 +188,26 @@ def shared_weight_scale_2(tensors: Sequence[torch.Tensor], *, name: str = "group
         raise CheckpointError(f"{name}: empty tensor group")
     amaxes = [tensor_amax(t, name=f"{name}[{i}]") for i, t in enumerate(tensors)]
     if len({tuple(a.shape) for a in amaxes}) != 1:
-        raise CheckpointError(f"{name}: group members have different expert counts: {[tuple(t.shape) for t in tensors]}")
+        shapes = [tuple(t.shape) for t in tensors]
+        raise CheckpointError(f"{name}: group members have different expert counts: {shapes}")
     return global_scale_from_amax(torch.stack(amaxes).amax(dim=0))
 
 
-def _row_ws2(ws2: torch.Tensor, E: int, N: int, name: str) -> torch.Tensor:
-    ws2 = torch.as_tensor(ws2, dtype=torch.float32)
-    if ws2.numel() == 1 and E == 1:
-        ws2 = ws2.reshape(1)
+def _ws2_vector(ws2: torch.Tensor | float, E: int, name: str) -> torch.Tensor:
+    """Validate a global scale and return it as [E] fp32 (a single value is shared by all experts)."""
+    ws2 = torch.as_tensor(ws2, dtype=torch.float32).detach().cpu()
+    if ws2.numel() == 1:
+        ws2 = ws2.reshape(1).expand(E)
     if ws2.shape != (E,):
-        raise CheckpointError(f"{name}: weight_scale_2 has shape {tuple(ws2.shape)}, expected {'()' if E == 1 else (E,)}")
+        want = "()" if E == 1 else f"() or ({E},)"
+        raise CheckpointError(f"{name}: weight_scale_2 has shape {tuple(ws2.shape)}, expected {want}")
     if not bool((torch.isfinite(ws2) & (ws2 > 0)).all()):
         raise CheckpointError(f"{name}: weight_scale_2 must be finite and positive, got {ws2.tolist()[:8]}")
-    return ws2.repeat_interleave(N)  # [E*N]
+    return ws2.clone()
+
+
+def _row_ws2(ws2: torch.Tensor, N: int, device: torch.device) -> torch.Tensor:
+    return ws2.to(device).repeat_interleave(N)  # [E*N]
 
 
 # ---- quantize / dequantize -------------------------------------------------------------------------------
@@ -226,7 +235,8 @@ def quantize(
     rows, E, N, K = _as_rows(w, name)
     if weight_scale_2 is None:
         weight_scale_2 = global_scale_from_amax(tensor_amax(w, name=name, chunk_elements=chunk_elements))
-    ws2_rows = _row_ws2(weight_scale_2, E, N, name).to(w.device)
+    ws2 = _ws2_vector(weight_scale_2, E, name)  # [E]
+    ws2_rows = _row_ws2(ws2, N, w.device)
     R = rows.shape[0]
     packed = torch.empty(R, K // 2, dtype=torch.uint8, device=w.device)
     scales = torch.empty(R, K // BLOCK, dtype=torch.float8_e4m3fn, device=w.device)
@@ -239,7 +249,7 @@ def quantize(
         scales[r0 : r0 + step] = s
         packed[r0 : r0 + step] = pack_nibbles(encode_with_scales(x, s, ws2_rows[r0 : r0 + step]))
     lead = tuple(w.shape[:-1])
-    g = torch.as_tensor(weight_scale_2, dtype=torch.float32).reshape(tuple(w.shape[:-2])).clone()
+    g = ws2.reshape(tuple(w.shape[:-2])).to(w.device)
     return NVFP4Tensor(packed.view(*lead, K // 2), scales.view(*lead, K // BLOCK), g)
 
 
@@ -256,7 +266,8 @@ def quantize_with_block_scales(
     if weight_scale.dtype != torch.float8_e4m3fn or tuple(weight_scale.shape) != (*w.shape[:-1], K // BLOCK):
         raise CheckpointError(f"{name}: weight_scale must be float8_e4m3fn {(*w.shape[:-1], K // BLOCK)}, "
                               f"got {weight_scale.dtype} {tuple(weight_scale.shape)}")
-    ws2_rows = _row_ws2(weight_scale_2, E, N, name).to(w.device)
+    ws2 = _ws2_vector(weight_scale_2, E, name)  # [E]
+    ws2_rows = _row_ws2(ws2, N, w.device)
     s_rows = weight_scale.reshape(-1, K // BLOCK)
     if not bool((s_rows.float() > 0).all()) or not bool(torch.isfinite(s_rows.float()).all()):
         raise CheckpointError(f"{name}: block scales must be positive and finite")
@@ -267,7 +278,7 @@ def quantize_with_block_scales(
         x = rows[r0 : r0 + step].float()
         _check_finite(x.abs().amax(dim=-1, keepdim=True), name, r0)
         packed[r0 : r0 + step] = pack_nibbles(encode_with_scales(x, s_rows[r0 : r0 + step], ws2_rows[r0 : r0 + step]))
-    g = torch.as_tensor(weight_scale_2, dtype=torch.float32).reshape(tuple(w.shape[:-2])).clone()
+    g = ws2.reshape(tuple(w.shape[:-2])).to(w.device)
     return NVFP4Tensor(packed.view(*w.shape[:-1], K // 2), weight_scale.clone(), g)
 
 

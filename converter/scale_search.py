@@ -7,8 +7,8 @@ plain weight MSE.
 
 Block scales: the candidates are consecutive E4M3 codes around the RTN scale fp8(amax_block / (6 * ws2))
 (positive E4M3 codes 1..126 are monotonic in value, so "code + d" walks the scale grid). The default window
-(-3 .. +8 codes, about 0.7x .. 1.6-2x the RTN scale) contains the four-over-six choice (block max mapped to 4
-instead of 6, i.e. 1.5x), so this sweep is a superset of 4/6 at the block level. The RTN candidate is tried
+(-3 .. +6 codes, about 0.7x .. 1.5-1.9x the RTN scale) contains the four-over-six choice (block max mapped to
+4 instead of 6, i.e. 1.5x), so this sweep is a superset of 4/6 at the block level. The RTN candidate is tried
 first and only a strictly smaller error replaces it, so the result is never worse than RTN, per block.
 
 Tensor scale (optional): ws2 = amax/2688 * m for m in `global_multipliers` (m = 1.75 is 4/6's 256-based
@@ -31,6 +31,7 @@ from .nvfp4 import (
     _as_rows,
     _check_finite,
     _row_ws2,
+    _ws2_vector,
     _rows_per_chunk,
     dequantize,
     global_scale_from_amax,
@@ -42,7 +43,10 @@ from .nvfp4 import (
 
 log = logging.getLogger(__name__)
 
-DEFAULT_OFFSETS = tuple(range(-3, 9))  # E4M3 code steps around the RTN block scale
+# E4M3 code steps around the RTN block scale. Measured on Gaussian / Student-t weights with a window of
+# -8..+15: without importance the winners lie in -2..+6 (the +3..+5 cluster is four-over-six's 1.5x); with a
+# skewed importance a few percent go below -3, worth <0.5 % of the weighted error. 10 candidates.
+DEFAULT_OFFSETS = tuple(range(-3, 7))
 DEFAULT_GLOBAL_MULTIPLIERS = (1.0, 1.125, 1.25, 1.5, 1.75)
 _E4M3_MAX_CODE = 126  # 0x7E = 448; 0x7F is NaN
 _E4M3_MIN_CODE = 1  # 2^-9
@@ -135,7 +139,7 @@ def mse_quantize(
         offsets = (0, *offsets)
     if weight_scale_2 is None:
         weight_scale_2 = global_scale_from_amax(tensor_amax(w, name=name, chunk_elements=chunk_elements))
-    base = torch.as_tensor(weight_scale_2, dtype=torch.float32).reshape(E)
+    base = _ws2_vector(weight_scale_2, E, name)  # [E]
     mults = [1.0]
     if search_global:
         mults += [float(m) for m in global_multipliers if float(m) != 1.0 and m > 0]
@@ -149,7 +153,7 @@ def mse_quantize(
     best_scales = torch.empty(R, K // BLOCK, dtype=torch.uint8, device=w.device)  # fp8 bits
     for m in mults:
         ws2 = base * m
-        ws2_rows = _row_ws2(ws2, E, N, name).to(w.device)
+        ws2_rows = _row_ws2(_ws2_vector(ws2, E, name), N, w.device)
         scales = torch.empty_like(best_scales)
         total = torch.zeros(E, dtype=torch.float64, device=w.device)
         for r0 in range(0, R, step):
@@ -169,9 +173,8 @@ def mse_quantize(
     if search_global:
         log.debug("%s: global multipliers chosen %s", name, best_mult.tolist()[:8])
     ws2_final = (base * best_mult).reshape(tuple(w.shape[:-2]))
-    return quantize_with_block_scales(
-        w, best_scales.view(torch.float8_e4m3fn).view(*w.shape[:-1], K // BLOCK), ws2_final, name=name, chunk_elements=chunk_elements
-    )
+    scales = best_scales.view(torch.float8_e4m3fn).view(*w.shape[:-1], K // BLOCK)
+    return quantize_with_block_scales(w, scales, ws2_final, name=name, chunk_elements=chunk_elements)
 
 
 def mse_quantize_group(

@@ -9,34 +9,40 @@ Contract (vLLM ``fused_moe_kernel`` style), with P = T * topk routed (token, slo
   worst case P_pad and programs past num_post return at once (no host sync, CUDA-graph friendly).
 - A -1 block writes zeros for any valid pair it holds (none, as built by ``moe_align_block_size``).
 
-Weights are NVFP4 (``W_NVFP4=True``: packed [E, N, K/2] uint8, scales [E, N, K/16] e4m3 bits, global [E] fp32)
-or dense ([E, N, K] in any float dtype; the scale pointers are then unused).
+Weights are NVFP4 (``W_NVFP4=True``: packed [E, N, K/2] uint8, read as int32 words when BLOCK_K >= 128 — see
+``nvfp4_tile_ptrs``; scales [E, N, K/16] e4m3 bits; global [E] fp32) or dense ([E, N, K] in any float dtype;
+the scale pointers are then unused). Strides are in elements of the pointer's type (bytes for NVFP4).
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
-from ._nvfp4_gemm_triton import dot_acc, nvfp4_weight_tile
+from ._nvfp4_gemm_triton import dot_acc, nvfp4_load_tile, nvfp4_tile_ptrs
 
 
 @triton.jit
-def _expert_weight_tile(
-    w_ptr, s_ptr, e64, offs_n, mask_n, k0,
-    stride_we, stride_wn, stride_se, stride_sn,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_NVFP4: tl.constexpr,
+def _expert_tile_ptrs(
+    w_ptr, s_ptr, e64, offs_n, stride_we, stride_wn, stride_se, stride_sn,
+    BLOCK_K: tl.constexpr, W_NVFP4: tl.constexpr,
 ):  # fmt: skip
-    """[BLOCK_N, BLOCK_K] fp32/dtype tile of expert e's weight rows offs_n, inputs k0 .. k0 + BLOCK_K (K % BLOCK_K == 0)."""
+    """Pointers to the first K tile of expert e's weight rows offs_n: (weights, block scales)."""
     rows = offs_n.to(tl.int64)[:, None]
     if W_NVFP4:
-        offs_kp = k0 // 2 + tl.arange(0, BLOCK_K // 2)
-        offs_ks = k0 // 16 + tl.arange(0, BLOCK_K // 16)
-        packed = tl.load(w_ptr + e64 * stride_we + rows * stride_wn + offs_kp[None, :], mask=mask_n[:, None], other=0)
-        scales = tl.load(s_ptr + e64 * stride_se + rows * stride_sn + offs_ks[None, :], mask=mask_n[:, None], other=0)
-        return nvfp4_weight_tile(packed, scales, BLOCK_N, BLOCK_K)
+        return nvfp4_tile_ptrs(w_ptr, s_ptr, e64 * stride_we + rows * stride_wn, e64 * stride_se + rows * stride_sn,
+                               BLOCK_K)  # fmt: skip
     else:
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        return tl.load(w_ptr + e64 * stride_we + rows * stride_wn + offs_k[None, :], mask=mask_n[:, None], other=0.0)
+        wp = w_ptr + e64 * stride_we + rows * stride_wn + tl.arange(0, BLOCK_K)[None, :]
+        return wp, s_ptr
+
+
+@triton.jit
+def _expert_tile(wp, sp, mask_n, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, W_NVFP4: tl.constexpr):
+    """[BLOCK_N, BLOCK_K] weight tile at (wp, sp): decoded NVFP4 (block-scaled fp32) or the dense values."""
+    if W_NVFP4:
+        return nvfp4_load_tile(wp, sp, mask_n, None, None, BLOCK_N, BLOCK_K, False)
+    else:
+        return tl.load(wp, mask=mask_n[:, None], other=0.0)
 
 
 @triton.jit
@@ -102,17 +108,25 @@ def moe_gate_up_kernel(
     tok = (pair // TOPK).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :]
+    wg_ptrs, sg_ptrs = _expert_tile_ptrs(w_ptr, s_ptr, e64, offs_n, stride_we, stride_wn, stride_se, stride_sn,
+                                         BLOCK_K, W_NVFP4)  # fmt: skip
+    wu_ptrs, su_ptrs = _expert_tile_ptrs(w_ptr, s_ptr, e64, offs_n + I, stride_we, stride_wn, stride_se, stride_sn,
+                                         BLOCK_K, W_NVFP4)  # fmt: skip
+    W_STEP: tl.constexpr = (BLOCK_K // 8 if BLOCK_K >= 128 else BLOCK_K // 2) if W_NVFP4 else BLOCK_K
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, H, BLOCK_K):
+    for _k0 in range(0, H, BLOCK_K):
         a = tl.load(x_ptrs, mask=valid[:, None], other=0.0)
-        wg = _expert_weight_tile(w_ptr, s_ptr, e64, offs_n, mask_n, k0, stride_we, stride_wn, stride_se, stride_sn,
-                                 BLOCK_N, BLOCK_K, W_NVFP4)  # fmt: skip
-        wu = _expert_weight_tile(w_ptr, s_ptr, e64, offs_n + I, mask_n, k0, stride_we, stride_wn, stride_se,
-                                 stride_sn, BLOCK_N, BLOCK_K, W_NVFP4)  # fmt: skip
+        wg = _expert_tile(wg_ptrs, sg_ptrs, mask_n, BLOCK_N, BLOCK_K, W_NVFP4)
+        wu = _expert_tile(wu_ptrs, su_ptrs, mask_n, BLOCK_N, BLOCK_K, W_NVFP4)
         acc_g = dot_acc(a, tl.trans(wg), acc_g, DOT_DTYPE)
         acc_u = dot_acc(a, tl.trans(wu), acc_u, DOT_DTYPE)
         x_ptrs += BLOCK_K
+        wg_ptrs += W_STEP
+        wu_ptrs += W_STEP
+        if W_NVFP4:
+            sg_ptrs += BLOCK_K // 16
+            su_ptrs += BLOCK_K // 16
 
     # --- epilogue: global scale, GELU-tanh(gate) * up -----------------------------------------------------------
     if W_NVFP4:
@@ -177,13 +191,18 @@ def moe_down_kernel(
 
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = h_ptr + pair64[:, None] * stride_hp + offs_k[None, :]
+    w_ptrs, s_ptrs = _expert_tile_ptrs(w_ptr, s_ptr, e64, offs_n, stride_we, stride_wn, stride_se, stride_sn,
+                                       BLOCK_K, W_NVFP4)  # fmt: skip
+    W_STEP: tl.constexpr = (BLOCK_K // 8 if BLOCK_K >= 128 else BLOCK_K // 2) if W_NVFP4 else BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, I, BLOCK_K):
+    for _k0 in range(0, I, BLOCK_K):
         a = tl.load(a_ptrs, mask=valid[:, None], other=0.0)
-        w = _expert_weight_tile(w_ptr, s_ptr, e64, offs_n, mask_n, k0, stride_we, stride_wn, stride_se, stride_sn,
-                                BLOCK_N, BLOCK_K, W_NVFP4)  # fmt: skip
+        w = _expert_tile(w_ptrs, s_ptrs, mask_n, BLOCK_N, BLOCK_K, W_NVFP4)
         acc = dot_acc(a, tl.trans(w), acc, DOT_DTYPE)
         a_ptrs += BLOCK_K
+        w_ptrs += W_STEP
+        if W_NVFP4:
+            s_ptrs += BLOCK_K // 16
 
     # --- epilogue: expert global scale x routing weight ----------------------------------------------------------
     rw = tl.load(rw_ptr + pair64, mask=valid, other=0.0)

@@ -40,6 +40,60 @@ def nvfp4_weight_tile(packed, scales, BLOCK_N: tl.constexpr, BLOCK_K: tl.constex
 
 
 @triton.jit
+def nvfp4_weight_tile_i32(words, scales, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Like nvfp4_weight_tile, from the packed bytes viewed as little-endian int32 words [BLOCK_N, BLOCK_K/8]
+    (8 codes per word, code j in bits 4j..4j+3 = element 8w + j). Loading words lets the compiler use 16-byte
+    vector loads for the weight stream (a uint8 tile gets 8-byte ones)."""
+    n0 = e2m1_to_f32(words & 0xF)
+    n1 = e2m1_to_f32((words >> 4) & 0xF)
+    n2 = e2m1_to_f32((words >> 8) & 0xF)
+    n3 = e2m1_to_f32((words >> 12) & 0xF)
+    n4 = e2m1_to_f32((words >> 16) & 0xF)
+    n5 = e2m1_to_f32((words >> 20) & 0xF)
+    n6 = e2m1_to_f32((words >> 24) & 0xF)
+    n7 = e2m1_to_f32((words >> 28) & 0xF)
+    # tl.join appends a new *last* axis, so the outermost join selects the lowest bit of the flattened index:
+    # leaves in tree order hold codes 0, 4, 2, 6, 1, 5, 3, 7 (bit-reversed) to flatten to 0..7.
+    w = tl.join(tl.join(tl.join(n0, n4), tl.join(n2, n6)), tl.join(tl.join(n1, n5), tl.join(n3, n7)))
+    s = scales.to(tl.float8e4nv, bitcast=True).to(tl.float32)  # [BN, BK/16]
+    w = tl.reshape(w, (BLOCK_N, BLOCK_K // 16, 16)) * tl.reshape(s, (BLOCK_N, BLOCK_K // 16, 1))
+    return tl.reshape(w, (BLOCK_N, BLOCK_K))
+
+
+@triton.jit
+def nvfp4_tile_ptrs(w_ptr, s_ptr, w_row_off, s_row_off, BLOCK_K: tl.constexpr):
+    """Pointers to the first K tile of the NVFP4 rows whose byte offsets are w_row_off / s_row_off ([BN, 1] int64).
+
+    Wide tiles (BLOCK_K >= 128: 64 packed bytes per row) are read as int32 words, which Triton turns into 16-byte
+    loads; narrower tiles are read as bytes (measured with ptxas: words would fall back to 4-byte copies there,
+    bytes get 8-byte ones). Every row offset must be a multiple of 4 bytes for the word path (K % 8 == 0).
+    """
+    if BLOCK_K >= 128:
+        wp = w_ptr.to(tl.pointer_type(tl.int32)) + w_row_off // 4 + tl.arange(0, BLOCK_K // 8)[None, :]
+    else:
+        wp = w_ptr + w_row_off + tl.arange(0, BLOCK_K // 2)[None, :]
+    sp = s_ptr + s_row_off + tl.arange(0, BLOCK_K // 16)[None, :]
+    return wp, sp
+
+
+@triton.jit
+def nvfp4_load_tile(wp, sp, mask_n, kmask_w, kmask_s, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    K_MASKED: tl.constexpr):  # fmt: skip
+    """Load + decode one tile: [BLOCK_N, BLOCK_K] block-scaled fp32 weights; kmask_* ([1, cols]) mask the K tail
+    when K_MASKED (the tail columns then decode to 0: zero bytes and zero scales)."""
+    if K_MASKED:
+        packed = tl.load(wp, mask=mask_n[:, None] & kmask_w, other=0)
+        scales = tl.load(sp, mask=mask_n[:, None] & kmask_s, other=0)
+    else:
+        packed = tl.load(wp, mask=mask_n[:, None], other=0)
+        scales = tl.load(sp, mask=mask_n[:, None], other=0)
+    if BLOCK_K >= 128:
+        return nvfp4_weight_tile_i32(packed, scales, BLOCK_N, BLOCK_K)
+    else:
+        return nvfp4_weight_tile(packed, scales, BLOCK_N, BLOCK_K)
+
+
+@triton.jit
 def dot_acc(a, b, acc, DOT_DTYPE: tl.constexpr):
     """acc += a @ b with operands cast to DOT_DTYPE; fp32 operands use exact ("ieee") products, not TF32."""
     if DOT_DTYPE == tl.float32:
@@ -52,7 +106,7 @@ def dot_acc(a, b, acc, DOT_DTYPE: tl.constexpr):
 def nvfp4_gemm_kernel(
     # pointers
     x_ptr,  # [M, K] activations (fp32 / fp16 / bf16)
-    w_ptr,  # [N, K/2] uint8 packed E2M1
+    w_ptr,  # [N, K/2] uint8 packed E2M1, K-contiguous
     s_ptr,  # [N, K/16] uint8 = float8_e4m3fn bits
     s2_ptr,  # [1] fp32 global scale (a pointer: no host sync to read it)
     y_ptr,  # [M, N] output, dtype of x
@@ -63,10 +117,8 @@ def nvfp4_gemm_kernel(
     # strides (elements)
     stride_xm,
     stride_xk,
-    stride_wn,
-    stride_wk,
+    stride_wn,  # bytes between weight rows (multiple of 4)
     stride_sn,
-    stride_sk,
     stride_ym,
     stride_yn,
     # meta
@@ -85,31 +137,31 @@ def nvfp4_gemm_kernel(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_k = tl.arange(0, BLOCK_K)
-    offs_kp = tl.arange(0, BLOCK_K // 2)  # packed bytes
-    offs_ks = tl.arange(0, BLOCK_K // 16)  # block scales
     mask_m = offs_m < M
     mask_n = offs_n < N
+    rows = offs_n.to(tl.int64)[:, None]
 
     x_ptrs = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_ptrs = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn + offs_kp[None, :] * stride_wk
-    s_ptrs = s_ptr + offs_n.to(tl.int64)[:, None] * stride_sn + offs_ks[None, :] * stride_sk
+    w_ptrs, s_ptrs = nvfp4_tile_ptrs(w_ptr, s_ptr, rows * stride_wn, rows * stride_sn, BLOCK_K)
+    W_COLS: tl.constexpr = BLOCK_K // 8 if BLOCK_K >= 128 else BLOCK_K // 2  # packed columns: words or bytes
+    PER_COL: tl.constexpr = BLOCK_K // W_COLS  # codes per packed column: 8 or 2
+    offs_kw = tl.arange(0, W_COLS)[None, :]
+    offs_ks = tl.arange(0, BLOCK_K // 16)[None, :]
 
     # --- main loop: one packed weight tile per K step, decoded in registers ---------------------------------
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         if EVEN_K:
             a = tl.load(x_ptrs, mask=mask_m[:, None], other=0.0)
-            packed = tl.load(w_ptrs, mask=mask_n[:, None], other=0)
-            scales = tl.load(s_ptrs, mask=mask_n[:, None], other=0)
+            w = nvfp4_load_tile(w_ptrs, s_ptrs, mask_n, offs_kw, offs_ks, BLOCK_N, BLOCK_K, False)
         else:
             a = tl.load(x_ptrs, mask=mask_m[:, None] & (offs_k[None, :] < K - k0), other=0.0)
-            packed = tl.load(w_ptrs, mask=mask_n[:, None] & (offs_kp[None, :] < (K - k0) // 2), other=0)
-            scales = tl.load(s_ptrs, mask=mask_n[:, None] & (offs_ks[None, :] < (K - k0) // 16), other=0)
-        w = nvfp4_weight_tile(packed, scales, BLOCK_N, BLOCK_K)  # [BN, BK]
+            w = nvfp4_load_tile(w_ptrs, s_ptrs, mask_n, offs_kw < (K - k0) // PER_COL, offs_ks < (K - k0) // 16,
+                                BLOCK_N, BLOCK_K, True)  # fmt: skip
         acc = dot_acc(a, tl.trans(w), acc, DOT_DTYPE)
         x_ptrs += BLOCK_K * stride_xk
-        w_ptrs += (BLOCK_K // 2) * stride_wk
-        s_ptrs += (BLOCK_K // 16) * stride_sk
+        w_ptrs += W_COLS
+        s_ptrs += BLOCK_K // 16
 
     # --- epilogue: global scale, cast, store --------------------------------------------------------------
     acc = acc * tl.load(s2_ptr)

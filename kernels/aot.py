@@ -223,8 +223,8 @@ def kernel_specs() -> list[KernelSpec]:
         specs.append(KernelSpec(
             f"nvfp4_gemm[{label}]", "_nvfp4_gemm_triton", "nvfp4_gemm_kernel",
             dict(x_ptr=Ptr("bf16"), w_ptr=Ptr("u8"), s_ptr=Ptr("u8"), s2_ptr=Ptr("fp32"), y_ptr=Ptr("bf16"),
-                 M=m, N=n, K=k, stride_xm=k, stride_xk=1, stride_wn=k // 2, stride_wk=1, stride_sn=k // 16,
-                 stride_sk=1, stride_ym=n, stride_yn=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0,
+                 M=m, N=n, K=k, stride_xm=k, stride_xk=1, stride_wn=k // 2, stride_sn=k // 16,
+                 stride_ym=n, stride_yn=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0,
                  DOT_DTYPE=bf16),
             warps, stages, expect_mma=True,
         ))  # fmt: skip

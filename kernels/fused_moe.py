@@ -219,6 +219,9 @@ def fused_moe(
     if nv:
         w1, s1, g1 = experts.gate_up, experts.gate_up_scale.view(torch.uint8), experts.gate_up_scale_2.float()
         w2, s2, g2 = experts.down, experts.down_scale.view(torch.uint8), experts.down_scale_2.float()
+        for name, w in (("gate_up", w1), ("down", w2)):  # the kernels may read packed rows as int32 words
+            check(w.data_ptr() % 4 == 0 and w.stride(0) % 4 == 0 and w.stride(1) % 4 == 0,
+                  f"{name}: packed rows must be 4-byte aligned")  # fmt: skip
     else:  # scale pointers unused by the dense instantiation; pass the weights to keep the signature
         w1, s1, g1 = experts.gate_up, experts.gate_up, rw
         w2, s2, g2 = experts.down, experts.down, rw

@@ -120,16 +120,16 @@ def nvfp4_linear_torch(
 def _gemm_config(m: int, n: int, k: int) -> tuple[int, int, int, int, int]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for the W4A16 GEMM.
 
-    Small M (decode-like, per-expert) -> 16-row tiles; canvas-sized M (256) -> 64-row tiles so each weight tile
-    is decoded for 64 rows at once while 4 programs share it through L2. Checked spill-free with ptxas for
-    sm_89/90/120 (scripts/kernel_report.py); not tuned on hardware.
+    Small M (decode-like) -> 16/32-row tiles; canvas-sized M (256) -> 64-row tiles so each weight tile is decoded
+    for 64 rows at once while the 4 M-programs share it through L2 (M varies fastest in the grid). Checked
+    spill-free with ptxas for sm_89/90/120 (scripts/kernel_report.py); not tuned on hardware.
     """
     block_k = pick_block_k(k)
     if m <= 16:
         return 16, 64, block_k, 4, 4
     if m <= 32:
         return 32, 64, block_k, 4, 4
-    return 64, 64, block_k, 4, 3
+    return 64, 64, block_k, 8, 3  # 8 warps: 128 registers (4 warps would need 230, 2 CTAs/SM on sm_89)
 
 
 def nvfp4_linear(
@@ -168,12 +168,14 @@ def nvfp4_linear(
         check(bk % 32 == 0 or bk == 16, f"BLOCK_K {bk} must be 16 or a multiple of 32")
     s2 = weight_scale_2.reshape(1).to(torch.float32)
     grid = (triton_cdiv(m, bm) * triton_cdiv(n, bn),)
+    check(weight.data_ptr() % 4 == 0 and weight.stride(0) % 4 == 0,
+          "weight: rows must start at 4-byte aligned addresses (the kernel may read them as int32 words)")  # fmt: skip
     _k.nvfp4_gemm_kernel[grid](
         x2, weight, weight_scale.view(torch.uint8), s2, y,
         m, n, k,
         x2.stride(0), x2.stride(1),
-        weight.stride(0), weight.stride(1),
-        weight_scale.stride(0), weight_scale.stride(1),
+        weight.stride(0),
+        weight_scale.stride(0),
         y.stride(0), y.stride(1),
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=(k % bk == 0),
         DOT_DTYPE=tl_dtype(dot_dtype),

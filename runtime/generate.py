@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -211,6 +211,7 @@ def prepare_batch(
     return ids, mask
 
 
+@torch.inference_mode()
 def generate(
     model: DGModel,
     input_ids: torch.Tensor | list[list[int]],
@@ -306,4 +307,4 @@ def generate(
     )
 
 
-__all__ = ["SamplerSettings", "GenerationResult", "generate", "denoise_canvas", "prepare_batch", "replace"]
+__all__ = ["SamplerSettings", "GenerationResult", "generate", "denoise_canvas", "prepare_batch"]

@@ -39,18 +39,22 @@ class KVCache:
         max_length: int,
         device: torch.device | str | None = None,
         dtype: torch.dtype = torch.float32,
+        rollback: int = 0,
     ):
+        """`rollback`: extra positions sliding layers keep beyond the window, so a session can take back up to
+        that many committed tokens (`rollback_to`) without re-encoding everything."""
         if max_length < 1:
             raise GenerationError(f"KV cache max_length must be >= 1, got {max_length}")
         self.cfg, self.batch_size, self.max_length = cfg, batch_size, max_length
         self.canvas = cfg.canvas_length
         self.window = cfg.sliding_window
         self.length = 0  # committed positions
+        self._slide_len = 0
         C = self.canvas
-        ring = self.window - 1
-        # Slots per layer type: full = max_length + C; sliding = min(W-1, max_length) + C.
+        self.visible = self.window - 1  # committed positions a sliding layer attends to
+        # Slots per layer type: full = max_length + C; sliding = min(W-1 + rollback, max_length) + C.
         self.full_slots = max_length + C
-        self.ring = min(ring, max_length)
+        self.ring = min(self.visible + max(rollback, 0), max_length)
         self.sliding_slots = self.ring + C
         self.layers: list[LayerKV] = []
         for g in cfg.layers:
@@ -81,8 +85,29 @@ class KVCache:
 
     @property
     def slide_len(self) -> int:
-        """Committed positions a sliding layer still holds."""
-        return min(self.length, self.ring)
+        """Committed positions a sliding layer still holds (the newest ones, in order)."""
+        return self._slide_len
+
+    @property
+    def slide_start(self) -> int:
+        """First held slot a sliding layer attends to (the older ones are only kept for rollback)."""
+        return self.slide_len - min(self.length, self.visible)
+
+    def can_rollback(self, length: int) -> bool:
+        d = self.length - length
+        return 0 <= d and self.slide_len - d >= min(length, self.visible)
+
+    def rollback_to(self, length: int) -> None:
+        """Forget the committed positions >= `length` (a session whose history was re-rendered differently)."""
+        if not self.can_rollback(length):
+            raise GenerationError(f"cannot roll the cache back from {self.length} to {length} positions")
+        d, n = self.length - length, self.slide_len
+        self.full_pos[length : self.length] = -1
+        self.full_valid[:, length : self.length] = False
+        self.slide_pos[n - d : n] = -1
+        self.slide_valid[:, n - d : n] = False
+        self._slide_len = n - d
+        self.length = length
 
     def commit_meta(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
         """Record positions [T] and row validity [B, T] of tokens being committed (call once per encode,
@@ -94,6 +119,7 @@ class KVCache:
         val = torch.cat([self.slide_valid[:, :n], valid], dim=1)[:, -self.ring :]
         self.slide_pos[: pos.numel()] = pos
         self.slide_valid[:, : pos.numel()] = val
+        self._slide_len = pos.numel()
         self.length = int(positions[-1].item()) + 1
 
     def scratch_slots(self, sliding: bool, n: int) -> slice:
@@ -103,6 +129,7 @@ class KVCache:
 
     def reset(self) -> None:
         self.length = 0
+        self._slide_len = 0
         self.full_pos.fill_(-1)
         self.full_valid.zero_()
         self.slide_pos.fill_(-1)

@@ -9,8 +9,6 @@ name lookup (see loading.py). The encoder's own `layer_scalar`s live next to the
 """
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -123,15 +121,16 @@ class Attention(nn.Module):
         q, k, v = self._qkv(h, cos, sin)
         T = positions.numel()
         if self.g.is_sliding:
-            # keys = what the window still holds + the new chunk; then keep the newest W-1 (one shift per commit)
-            n = cache.slide_len
-            keys = torch.cat([lk.k[:, :, :n], k], dim=2)
-            vals = torch.cat([lk.v[:, :, :n], v], dim=2)
-            kpos = torch.cat([cache.slide_pos[:n], positions])
-            kval = torch.cat([cache.slide_valid[:, :n], valid], dim=1)
+            # keys = what the window still sees + the new chunk; then keep the newest `ring` (one shift per commit)
+            n, n0 = cache.slide_len, cache.slide_start
+            all_k = torch.cat([lk.k[:, :, :n], k], dim=2)
+            all_v = torch.cat([lk.v[:, :, :n], v], dim=2)
+            keys, vals = all_k[:, :, n0:], all_v[:, :, n0:]
+            kpos = torch.cat([cache.slide_pos[n0:n], positions])
+            kval = torch.cat([cache.slide_valid[:, n0:n], valid], dim=1)
             keep = min(n + T, cache.ring)
-            lk.k[:, :, :keep] = keys[:, :, -keep:]
-            lk.v[:, :, :keep] = vals[:, :, -keep:]
+            lk.k[:, :, :keep] = all_k[:, :, -keep:]
+            lk.v[:, :, :keep] = all_v[:, :, -keep:]
         else:
             # write first, then attend over the committed prefix + the new tokens in place (no copy)
             lk.k[:, :, positions] = k
@@ -165,15 +164,17 @@ class Attention(nn.Module):
         lk.k[:, :, sl] = k
         lk.v[:, :, sl] = v
         if self.g.is_sliding:
-            past_ok = cache.slide_valid[:, : cache.slide_len]
+            start = cache.slide_start
+            past_ok = cache.slide_valid[:, start : cache.slide_len]
         else:
+            start = 0
             past_ok = cache.full_valid[:, : cache.length]
         if bool(past_ok.all()):
             mask = None
         else:
             canvas_ok = torch.ones(past_ok.shape[0], C, dtype=torch.bool, device=h.device)
             mask = torch.cat([past_ok, canvas_ok], dim=1)[:, None, :].expand(-1, C, -1)
-        return self._attend(q, lk.k[:, :, : sl.stop], lk.v[:, :, : sl.stop], mask)
+        return self._attend(q, lk.k[:, :, start : sl.stop], lk.v[:, :, start : sl.stop], mask)
 
 
 class MLP(nn.Module):
@@ -343,7 +344,7 @@ class DGModel(nn.Module):
         return torch.tanh(x / cap) * cap if cap else x
 
     # ---- encoder ----------------------------------------------------------------------------------------
-    @torch.inference_mode()
+    # (no inference_mode here: the trainer differentiates through encode/decode; generation wraps them)
     def encode(self, ids: torch.Tensor, cache: KVCache, valid: torch.Tensor | None = None) -> torch.Tensor:
         """Commit `ids` [B, T] at positions cache.length..+T-1 (causal); `valid` [B, T] marks non-padding.
         Returns the final-normed hidden states (unused by generation)."""
@@ -365,7 +366,6 @@ class DGModel(nn.Module):
         return self.norm(x)
 
     # ---- decoder ----------------------------------------------------------------------------------------
-    @torch.inference_mode()
     def decode_hidden(
         self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None = None,
         sc_mask: torch.Tensor | None = None,
@@ -396,11 +396,10 @@ class DGModel(nn.Module):
         sc_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Denoiser logits (fp32, softcapped) [B, C, V] for a canvas [B, C]; the cache is only read."""
-        with torch.inference_mode():
-            return self.logits(self.decode_hidden(canvas, cache, sc_logits, sc_mask))
+        return self.logits(self.decode_hidden(canvas, cache, sc_logits, sc_mask))
 
-    def new_cache(self, batch_size: int, max_length: int) -> KVCache:
-        return KVCache(self.cfg, batch_size, max_length, device=self.device, dtype=self.dtype)
+    def new_cache(self, batch_size: int, max_length: int, rollback: int = 0) -> KVCache:
+        return KVCache(self.cfg, batch_size, max_length, device=self.device, dtype=self.dtype, rollback=rollback)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -413,4 +412,4 @@ def build_meta(cfg: DGConfig) -> DGModel:
         return DGModel(cfg)
 
 
-__all__ = ["DGModel", "build_meta", "count_parameters", "rms_norm", "math"]
+__all__ = ["DGModel", "build_meta", "count_parameters", "rms_norm"]

@@ -87,6 +87,14 @@ def test_26b_plan_layout(cfg26: DGConfig) -> None:
     assert per_layer == [22 if i in (5, 11, 17, 23, 29) else 23 for i in range(30)]
     blocks = [int(n.split(".")[1]) for n in names if n.startswith("blk.")]
     assert blocks == sorted(blocks)  # llama-quantize order: layer, then name
+    assert [n[6:] for n in names if n.startswith("blk.0.")] == [  # as in the Unsloth Q4_K_M dump
+        "attn_k.weight", "attn_k_norm.weight", "attn_norm.weight", "attn_output.weight", "attn_q.weight",
+        "attn_q_norm.weight", "attn_v.weight", "enc_layer_output_scale.weight", "ffn_down.weight",
+        "ffn_down_exps.scale", "ffn_down_exps.weight", "ffn_gate.weight", "ffn_gate_inp.scale", "ffn_gate_inp.weight",
+        "ffn_gate_up_exps.weight", "ffn_norm.weight", "ffn_up.weight", "layer_output_scale.weight",
+        "post_attention_norm.weight", "post_ffw_norm.weight", "post_ffw_norm_1.weight", "post_ffw_norm_2.weight",
+        "pre_ffw_norm_2.weight",
+    ]
     ne = {s.gguf_name: s.gguf_shape for s in plan}
     expect = {
         "token_embd.weight": (2816, 262144), "output_norm.weight": (2816,), "rope_freqs.weight": (256,),

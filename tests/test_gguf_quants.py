@@ -217,6 +217,7 @@ def test_importance_shapes() -> None:
     # same bytes as quantizing each expert alone with its own importance
     for e in range(2):
         assert np.array_equal(q[e], gq.quantize(x[e], QT.Q4_K, importance=per_expert[e, 0]))
+    assert np.array_equal(q, gq.quantize(x, QT.Q4_K, importance=per_expert[:, 0]))  # [E, K] calibration layout
     zero_cols = np.ones(256, np.float32)
     zero_cols[:32] = 0.0  # a fully unimportant sub-block still gets finite, sane values
     y = gq.dequantize(gq.quantize(x, QT.Q4_K, importance=zero_cols), QT.Q4_K)
@@ -230,3 +231,35 @@ def test_torch_bf16_input_and_sizes() -> None:
     assert gq.tensor_nbytes(QT.Q6_K, (5, 512)) == q.nbytes
     y = gq.dequantize(q, QT.Q6_K)
     assert _rel(x.float().numpy(), y) < 0.02
+
+
+def test_gguf_writer_reader_roundtrip(tmp_path) -> None:
+    """Our arrays go into gguf-py's GGUFWriter as raw blocks and come back from GGUFReader with ggml shapes."""
+    rng = _rng(8)
+    gate_up = torch.from_numpy((rng.standard_normal((3, 6, 256)) * 0.05).astype(np.float32)).to(torch.bfloat16)
+    gate = gate_up[:, :3, :]  # a non-contiguous expert half, as gguf_names hands it over
+    g = gq.nvfp4_global_scale(gate)
+    arrays = {
+        "a.weight": (gq.quantize(gate, QT.Q4_K), QT.Q4_K),
+        "b.weight": (gq.quantize(gate, QT.NVFP4, global_scale=g), QT.NVFP4),
+        "c.weight": (gq.quantize(gate[0], QT.BF16), QT.BF16),
+        "d.weight": (gq.quantize(gate[1], QT.Q6_K), QT.Q6_K),
+    }
+    path = tmp_path / "t.gguf"
+    w = gguf.GGUFWriter(str(path), arch="diffusion-gemma")
+    for name, (arr, t) in arrays.items():
+        w.add_tensor(name, arr, raw_dtype=t)
+    w.add_tensor("b.scale", g)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    r = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    for name, (arr, t) in arrays.items():
+        rt = r[name]
+        assert rt.tensor_type == t
+        assert tuple(int(v) for v in rt.shape) == tuple(reversed(gq.dequantize(arr, t).shape))  # ggml ne order
+        assert np.array_equal(np.asarray(rt.data), arr)
+    np.testing.assert_array_equal(np.asarray(r["b.scale"].data), g)
+    y = gq.dequantize(np.asarray(r["b.weight"].data), QT.NVFP4) * np.asarray(r["b.scale"].data)[:, None, None]
+    assert _rel(gate.float().numpy(), y) < 0.1

@@ -2,8 +2,8 @@
 
 Tolerances (relative to the reference's max |value| / RMS):
 - fp32 activations / fp32 dot: max 1e-5, RMS 1e-6 (summation order only);
-- fp16 activations / fp16 dot: max 1e-2, RMS 2e-3 (gelu(g)*u is stored in fp16 by both; a different fp32
-  summation order can flip that rounding, which the second GEMM propagates);
+- fp16 activations / fp16 dot: max 2e-3, RMS 5e-4 (gelu(g)*u is stored in fp16 by both; a different fp32
+  summation order can flip that rounding, which the second GEMM propagates; measured 4e-6);
 - twin vs HF ``DiffusionGemmaTextExperts`` (fp32, dequantized weights): max 1e-5.
 """
 from __future__ import annotations
@@ -65,8 +65,9 @@ INTERP_CASES = {
     "t100_e8_k2_dense_f32_bm32": lambda: _case(100, 8, 2, 32, 32, F32, fmt="dense", block_m=32),
     "t17_e5_k2_dense_f16": lambda: _case(17, 5, 2, 48, 32, F16, fmt="dense"),
     "t40_e6_k2_nvfp4_f32_skewed": lambda: _case(40, 6, 2, 32, 32, F32, skew=True),
+    "t9_e4_k2_nvfp4_f32_h128_words": lambda: _case(9, 4, 2, 128, 32, F32),  # gate_up BLOCK_K 128: int32 words
 }
-TOL = {name: ((1e-2, 2e-3) if "f16" in name else (1e-5, 1e-6)) for name in INTERP_CASES}
+TOL = {name: ((2e-3, 5e-4) if "f16" in name else (1e-5, 1e-6)) for name in INTERP_CASES}
 
 
 @pytest.fixture(scope="module")

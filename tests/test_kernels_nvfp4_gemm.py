@@ -1,5 +1,8 @@
 """NVFP4 W4A16 GEMM: Triton kernel (CPU interpreter, subprocess) vs torch twin; twin vs an independent decode.
 
+BLOCK_K >= 128 tiles read the packed bytes as int32 words, narrower ones as bytes: cases cover both, with and
+without a masked K tail.
+
 Tolerances (errors relative to the reference's max |value| / RMS):
 - fp32 activations + fp32 dot operands: max 1e-5, RMS 1e-6 (only fp32 summation order differs);
 - fp16 activations + fp16 dot: max 2e-3, RMS 5e-4 (the output is rounded to fp16 once: 2^-11 = 4.9e-4 rel);
@@ -47,6 +50,7 @@ INTERP_CASES = {
     "m100_n40_k160_f32": lambda: _case(100, 40, 160, F32, F32),
     "m17_n48_k128_bf16act_f32dot": lambda: _case(17, 48, 128, BF16, F32),
     "m3x7_batched_f32": lambda: _batched_case(),
+    "m5_n32_k192_f32_maskedK_words": lambda: _case(5, 32, 192, F32, F32, block_sizes=(16, 32, 128)),
 }
 TOL = {
     "m1_n48_k64_f32": (1e-5, 1e-6),
@@ -55,6 +59,7 @@ TOL = {
     "m100_n40_k160_f32": (1e-5, 1e-6),
     "m17_n48_k128_bf16act_f32dot": (1e-2, 8e-3),
     "m3x7_batched_f32": (1e-5, 1e-6),
+    "m5_n32_k192_f32_maskedK_words": (1e-5, 1e-6),
 }
 
 

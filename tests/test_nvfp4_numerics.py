@@ -264,6 +264,13 @@ def _bytes_t(t: torch.Tensor) -> torch.Tensor:
     return t.contiguous().view(torch.uint8)
 
 
+def test_scalar_global_scale_is_shared_by_experts():
+    w = torch.randn(3, 5, 32)
+    q = nv.quantize(w, weight_scale_2=0.01)
+    assert q.weight_scale_2.shape == (3,) and (q.weight_scale_2 == torch.tensor(0.01)).all()
+    assert torch.equal(q.weight[1], nv.quantize(w[1], weight_scale_2=0.01).weight)
+
+
 def test_group_shares_global_scale():
     gate, up = torch.randn(6, 32), torch.randn(6, 32) * 5
     qg, qu = nv.quantize_group([gate, up])
@@ -341,7 +348,8 @@ def test_matches_compressed_tensors_except_reciprocal_ties():
     q = nv.quantize(w)
     ours_s = _bytes(q.weight_scale)
     theirs_s = _bytes(scale.to(torch.float8_e4m3fn))
-    print(f"compressed-tensors {ct.__version__}: scale bytes equal {np.count_nonzero(ours_s == theirs_s)}/{ours_s.size}")
+    same = np.count_nonzero(ours_s == theirs_s)
+    print(f"compressed-tensors {ct.__version__}: scale bytes equal {same}/{ours_s.size}")
     assert np.array_equal(ours_s, theirs_s)
     ours = nv.unpack_nibbles(q.weight)
     theirs = nv.unpack_nibbles(packed)
@@ -362,7 +370,8 @@ def test_matches_compressed_tensors_except_reciprocal_ties():
         assert straddle[r, c], (r, c, scaled[r, c].item(), scaled_ct[r, c].item())
         assert hi[r, c] - lo[r, c] <= 2 * torch.finfo(torch.float32).eps * hi[r, c]  # an ulp apart, not a bug
         assert abs(int(ours[r, c] & 7) - int(theirs[r, c] & 7)) == 1
-    print(f"nibbles differing: {len(diff)} of {ours.numel()}, all at ties straddled by the two arithmetics ({n_ties_total} such elements)")
+    print(f"nibbles differing: {len(diff)} of {ours.numel()}, all at ties straddled by the two arithmetics "
+          f"({n_ties_total} such elements)")
 
 
 def test_compressed_tensors_edge_case_differences():
