@@ -91,11 +91,6 @@ def tl_dtype(dtype: torch.dtype) -> Any:
     return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[dtype]
 
 
-def default_dot_dtype(act_dtype: torch.dtype) -> torch.dtype:
-    """bf16/fp16 activations feed the tensor cores in their own dtype; fp32 activations use fp32 ("ieee")."""
-    return act_dtype
-
-
 def pick_block_k(k: int, candidates: tuple[int, ...] = (128, 64, 32, 16)) -> int:
     """Largest candidate dividing k, so the K loop needs no masks (k is a multiple of 16 in every format here)."""
     for c in candidates:

@@ -114,10 +114,10 @@ def nvfp4_gemm_kernel(
     M,
     N,
     K,
-    # strides (elements)
+    # strides (elements; for the packed weights and scales an element is a byte)
     stride_xm,
     stride_xk,
-    stride_wn,  # bytes between weight rows (multiple of 4)
+    stride_wn,  # bytes between weight rows (a multiple of 4: rows may be read as int32 words)
     stride_sn,
     stride_ym,
     stride_yn,

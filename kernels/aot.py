@@ -226,7 +226,7 @@ def kernel_specs() -> list[KernelSpec]:
                  M=m, N=n, K=k, stride_xm=k, stride_xk=1, stride_wn=k // 2, stride_sn=k // 16,
                  stride_ym=n, stride_yn=1, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, EVEN_K=k % bk == 0,
                  DOT_DTYPE=bf16),
-            warps, stages, expect_mma=True,
+            warps, stages, expect_mma=True, notes=_packed_note(bk),
         ))  # fmt: skip
 
     # --- fused MoE, NVFP4 and dense bf16 experts ------------------------------------------------------------------
@@ -243,7 +243,7 @@ def kernel_specs() -> list[KernelSpec]:
                  P=p, I=MOE_I, H=HIDDEN, TOPK=TOPK, stride_xt=HIDDEN, stride_we=2 * MOE_I * HIDDEN // kdiv,
                  stride_wn=HIDDEN // kdiv, stride_se=2 * MOE_I * HIDDEN // 16, stride_sn=HIDDEN // 16,
                  stride_hp=MOE_I, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk1, W_NVFP4=nv, DOT_DTYPE=bf16),
-            warps, stages, expect_mma=True,
+            warps, stages, expect_mma=True, notes=_packed_note(bk1) if nv else "",
         ))  # fmt: skip
         specs.append(KernelSpec(
             f"moe_down[{fmt}]", "_fused_moe_triton", "moe_down_kernel",
@@ -253,7 +253,7 @@ def kernel_specs() -> list[KernelSpec]:
                  stride_we=HIDDEN * MOE_I // kdiv, stride_wn=MOE_I // kdiv, stride_se=HIDDEN * MOE_I // 16,
                  stride_sn=MOE_I // 16, stride_op=HIDDEN, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk2, W_NVFP4=nv,
                  DOT_DTYPE=bf16),
-            warps, stages, expect_mma=True,
+            warps, stages, expect_mma=True, notes=_packed_note(bk2) if nv else "",
         ))  # fmt: skip
 
     # --- sampler: raw bf16 lm_head logits with softcap + bf16 processed output; fp32 softcapped logits --------------
@@ -301,6 +301,12 @@ def kernel_specs() -> list[KernelSpec]:
 
     specs.extend(_gguf_specs())
     return specs
+
+
+def _packed_note(block_k: int) -> str:
+    if block_k >= 128:
+        return f"BLOCK_K={block_k}: packed weights read as int32 words (16-byte cp.async)"
+    return f"BLOCK_K={block_k}: packed weights read as bytes (8-byte cp.async; words would give 4-byte copies)"
 
 
 def _gguf_specs() -> list[KernelSpec]:

@@ -165,7 +165,8 @@ def nvfp4_linear(
     bm, bn, bk, warps, stages = _gemm_config(m, n, k)
     if block_sizes is not None:
         bm, bn, bk = block_sizes
-        check(bk % 32 == 0 or bk == 16, f"BLOCK_K {bk} must be 16 or a multiple of 32")
+        check(all(b >= 16 and b & (b - 1) == 0 for b in (bm, bn, bk)),
+              f"block sizes {block_sizes} must be powers of 2 >= 16")  # fmt: skip
     s2 = weight_scale_2.reshape(1).to(torch.float32)
     grid = (triton_cdiv(m, bm) * triton_cdiv(n, bn),)
     check(weight.data_ptr() % 4 == 0 and weight.stride(0) % 4 == 0,

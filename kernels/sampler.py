@@ -206,6 +206,12 @@ def _check_soft_inputs(logits: torch.Tensor, embedding: torch.Tensor) -> None:
     check_same_device(logits=logits, embedding=embedding)
 
 
+def _rounded_scale(embed_scale: float, dtype: torch.dtype) -> float:
+    """embed_scale rounded like HF's ``embed_scale.to(weight.dtype)`` (sqrt(2816) -> 53.0 in bf16), as a Python
+    float: multiplying by it equals multiplying by the 0-d tensor, without a host-to-device copy (graph-safe)."""
+    return float(torch.tensor(embed_scale, dtype=torch.float32).to(dtype))
+
+
 def _row_logsumexp_torch(logits: torch.Tensor) -> torch.Tensor:
     """fp32 logsumexp per row, V-chunked (no [M, V] fp32 copy)."""
     lse = torch.full((logits.shape[0],), -float("inf"), dtype=torch.float32, device=logits.device)
@@ -227,8 +233,7 @@ def sc_soft_embedding_torch(logits: torch.Tensor, embedding: torch.Tensor, embed
     for c0 in range(0, logits.shape[1], _TWIN_V_CHUNK):
         p = torch.exp(logits[:, c0 : c0 + _TWIN_V_CHUNK].to(torch.float32) - lse[:, None]).to(embedding.dtype)
         acc += p.to(torch.float32) @ embedding[c0 : c0 + _TWIN_V_CHUNK].to(torch.float32)
-    scale = torch.tensor(embed_scale, dtype=torch.float32).to(embedding.dtype).to(logits.device)
-    return acc.to(embedding.dtype) * scale
+    return acc.to(embedding.dtype) * _rounded_scale(embed_scale, embedding.dtype)
 
 
 def sc_soft_embedding(
@@ -274,5 +279,4 @@ def sc_soft_embedding(
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, DOT_DTYPE=tl_dtype(dot_dtype),
         num_warps=8 if bm >= 64 else 4, num_stages=3,
     )  # fmt: skip
-    scale = torch.tensor(embed_scale, dtype=torch.float32).to(embedding.dtype).to(dev)
-    return part.sum(0).to(embedding.dtype) * scale
+    return part.sum(0).to(embedding.dtype) * _rounded_scale(embed_scale, embedding.dtype)

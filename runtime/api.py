@@ -195,17 +195,51 @@ def _messages(messages: Sequence[Mapping[str, Any]] | str, system: str | None) -
     return msgs
 
 
+def detect_format(p: Path) -> str:
+    """'gguf' (a .gguf file), 'nvfp4' (a ModelOpt or compressed-tensors NVFP4 directory) or 'hf' (bf16/fp32)."""
+    if p.is_file():
+        with open(p, "rb") as f:
+            if f.read(4) == b"GGUF":
+                return "gguf"
+        raise DGemmaError(f"{p}: not a GGUF file and not a checkpoint directory")
+    if (p / "hf_quant_config.json").is_file():
+        return "nvfp4"
+    cfg = p / "config.json"
+    if cfg.is_file():
+        import json
+
+        try:
+            qc = json.loads(cfg.read_text(encoding="utf-8")).get("quantization_config")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            qc = None  # DGConfig reports the malformed file with details
+        if isinstance(qc, dict) and qc:
+            return "nvfp4"
+    return "hf"
+
+
 def load(path: str | Path | None = None, device: str | torch.device | None = None,
          dtype: str | torch.dtype | None = None) -> DiffusionGemma:
-    """Load a DiffusionGemma checkpoint directory (default: the small model bundled with dgemma)."""
+    """Load a DiffusionGemma checkpoint: an HF directory (bf16/fp32), an NVFP4 directory (ModelOpt or
+    compressed-tensors layout) or a GGUF file. Default: the small model bundled with dgemma."""
     p = Path(path) if path is not None else default_model_path()
     if not p.exists():
-        raise DGemmaError(f"{p}: no such model directory")
+        raise DGemmaError(f"{p}: no such model directory or file")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     t0 = time.perf_counter()
-    model = load_model(p, device=dev, dtype=dt)
+    fmt = detect_format(p)
     tok = None
+    if fmt == "gguf":
+        from .gguf_loading import load_gguf
+
+        model, tok = load_gguf(p, device=dev, dtype=dt)
+        return DiffusionGemma(model, tok, p, time.perf_counter() - t0)
+    if fmt == "nvfp4":
+        from .nvfp4_loading import load_nvfp4_model
+
+        model = load_nvfp4_model(p, device=dev, dtype=dt)
+    else:
+        model = load_model(p, device=dev, dtype=dt)
     if any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
         tok = Tokenizer.from_pretrained(p)
         if tok.vocab_size > model.cfg.vocab_size:

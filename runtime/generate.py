@@ -1,8 +1,13 @@
 """Block-diffusion generation: encode the prompt, denoise a canvas, commit its argmax, repeat.
 
-This follows HF's `DiffusionGemmaGenerationMixin.generate` step by step, including the order and shapes of
-every random draw, so that with the same seed (global `torch.manual_seed` or an explicit `torch.Generator`)
-it returns the same tokens on CPU in float32 ("reference-RNG mode"). See architecture.md section 6.
+Two sampling modes share everything but how the per-position sample is drawn:
+- `sampling="reference"` follows HF's `DiffusionGemmaGenerationMixin.generate` step by step, including the order
+  and shapes of every random draw (`torch.multinomial` over the vocabulary), so that with the same seed (global
+  `torch.manual_seed` or an explicit `torch.Generator`) it returns the same tokens as HF on CPU in float32.
+- `sampling="fast"` (the default) computes softmax, entropy and argmax in one pass over the logits and draws each
+  position by inverse CDF from one uniform number: the same distribution, far less work and memory traffic, but
+  a different random stream.
+See architecture.md section 6.
 
 Legend: B batch, P prompt length, C canvas length, V vocab.
 """
@@ -129,6 +134,34 @@ def _randint(V: int, shape: tuple[int, ...], device, generator: torch.Generator 
     return torch.randint(0, V, shape, device=device, generator=generator)
 
 
+def sample_reference(processed: torch.Tensor, generator: torch.Generator | None):
+    """HF's draws: softmax, multinomial over the vocabulary, Categorical entropy. Returns (sample, entropy)."""
+    B, C, V = processed.shape
+    probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
+    sample = torch.multinomial(probs.view(-1, V), 1, generator=generator).view(B, C)  # RNG draw 2
+    return sample, _entropy(processed)
+
+
+def sample_fast(processed: torch.Tensor, generator: torch.Generator | None):
+    """One pass for softmax and entropy, then inverse-CDF sampling from one uniform per position."""
+    B, C, V = processed.shape
+    lse = torch.logsumexp(processed, dim=-1, keepdim=True)
+    p = torch.exp(processed - lse)
+    entropy = lse.squeeze(-1) - (p * processed).sum(-1)
+    cdf = torch.cumsum(p, dim=-1, out=p)  # in place: p is not needed any more
+    u = torch.rand(B, C, 1, device=processed.device, generator=generator, dtype=cdf.dtype) * cdf[..., -1:]
+    sample = torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=V - 1)
+    return sample, entropy
+
+
+SAMPLERS = {"reference": sample_reference, "fast": sample_fast}
+
+
+def sample_fast_entropy(logits: torch.Tensor) -> torch.Tensor:
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    return lse.squeeze(-1) - (torch.exp(logits - lse) * logits).sum(-1)
+
+
 def denoise_canvas(
     model: DGModel,
     cache: KVCache,
@@ -137,12 +170,14 @@ def denoise_canvas(
     generator: torch.Generator | None = None,
     streamer: Any = None,
     active: torch.Tensor | None = None,
+    sampling: str = "fast",
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Denoise one canvas against the committed cache. Returns (argmax canvas [B, C], decoder forward passes
     counted per row [B], steps run). `active` [B] marks rows whose sequence is not finished yet."""
     cfg = model.cfg
     B, C, V, N = batch_size, cfg.canvas_length, cfg.vocab_size, s.max_denoising_steps
     dev = model.device
+    draw = SAMPLERS[sampling]
     canvas = _randint(V, (B, C), dev, generator)  # RNG draw 1
     argmax = canvas
     sc_logits = None
@@ -158,11 +193,9 @@ def denoise_canvas(
         # the reference computes the temperature as fp32 tensor arithmetic on an int32 step counter
         step_t = torch.tensor(cur_step, dtype=torch.int32, device=dev)
         processed = raw / (s.t_min + (s.t_max - s.t_min) * (step_t / N))
-        probs = torch.softmax(processed, dim=-1, dtype=torch.float32)
-        sample = torch.multinomial(probs.view(-1, V), 1, generator=generator).view(B, C)  # RNG draw 2
+        sample, ent = draw(processed, generator)
         new_argmax = torch.argmax(processed, dim=-1)
         # entropy-bound acceptance: the lowest-entropy tokens whose preceding entropies sum to <= bound
-        ent = _entropy(processed)
         sorted_ent, order = torch.sort(ent, dim=-1)
         accept_sorted = torch.cumsum(sorted_ent, dim=-1) - sorted_ent <= s.entropy_bound
         accept = torch.scatter(torch.zeros_like(accept_sorted), -1, order, accept_sorted)
@@ -174,7 +207,8 @@ def denoise_canvas(
                 new_argmax = torch.where(finished[:, None], argmax, new_argmax)
                 new_canvas = torch.where(finished[:, None], canvas, new_canvas)
                 processed = torch.where(finished[:, None, None], sc_logits, processed)
-                ent = _entropy(processed)
+                # frozen rows keep their previous logits, so the stop test sees their old entropy
+                ent = _entropy(processed) if sampling == "reference" else sample_fast_entropy(processed)
             finished = finished | stopper(new_argmax, ent)
         canvas, argmax = new_canvas, new_argmax
         sc_logits = processed.to(model.dtype)  # self-conditioning input of the next step
@@ -211,7 +245,7 @@ def prepare_batch(
     return ids, mask
 
 
-@torch.inference_mode()
+@torch.no_grad()  # not inference_mode: torch's CPU grouped GEMM is several times slower under it
 def generate(
     model: DGModel,
     input_ids: torch.Tensor | list[list[int]],
@@ -220,11 +254,15 @@ def generate(
     streamer: Any = None,
     generator: torch.Generator | None = None,
     cache: KVCache | None = None,
+    sampling: str = "fast",
     **sampler_overrides: Any,
 ) -> GenerationResult:
     """Generate canvases after `input_ids`. Sampler parameters default to the checkpoint's generation_config.
-    With `cache` (a session), `input_ids` are only the new tokens to commit after what the cache holds."""
+    With `cache` (a session), `input_ids` are only the new tokens to commit after what the cache holds.
+    `sampling`: "fast" (default) or "reference" (HF-identical random draws; see the module docstring)."""
     cfg = model.cfg
+    if sampling not in SAMPLERS:
+        raise GenerationError(f"sampling must be one of {sorted(SAMPLERS)}, got {sampling!r}")
     s = SamplerSettings.resolve(cfg.generation, **sampler_overrides)
     for t in s.eos_token_ids + ((s.pad_token_id,) if s.pad_token_id is not None else ()):
         if not 0 <= t < cfg.vocab_size:
@@ -269,7 +307,7 @@ def generate(
         model.encode(to_commit, cache, commit_valid)
         t1 = time.perf_counter()
         timings["encode_s"] += t1 - t0
-        argmax, p, steps = denoise_canvas(model, cache, s, B, generator, streamer, ~finished_seq)
+        argmax, p, steps = denoise_canvas(model, cache, s, B, generator, streamer, ~finished_seq, sampling)
         timings["denoise_s"] += time.perf_counter() - t1
         if ci == 0:
             timings["first_canvas_s"] = time.perf_counter() - t_start

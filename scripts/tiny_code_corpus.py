@@ -22,6 +22,7 @@ import hashlib
 import importlib.util
 import io
 import logging
+import os
 import random
 import re
 import sysconfig
@@ -50,14 +51,17 @@ def is_heldout(rel: str) -> bool:
 def list_files(root: Path | None = None) -> tuple[list[Path], list[Path]]:
     """(training files, held-out files), each sorted by relative path."""
     root = root or stdlib_dir()
+    found: list[tuple[str, Path]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # prune excluded trees instead of walking them (the stdlib's test suite is most of its files)
+        dirnames[:] = [d for d in dirnames if d not in _EXCLUDED_DIRS and not d.startswith("config-")]
+        for name in filenames:
+            if name.endswith(".py") and not name.startswith("_sysconfigdata"):
+                f = Path(dirpath) / name
+                found.append((f.relative_to(root).as_posix(), f))
     train, held = [], []
-    for f in sorted(root.rglob("*.py")):
-        rel = f.relative_to(root)
-        if any(part in _EXCLUDED_DIRS or part.startswith("config-") for part in rel.parts[:-1]):
-            continue
-        if f.name.startswith("_sysconfigdata") or not f.is_file():
-            continue
-        (held if is_heldout(rel.as_posix()) else train).append(f)
+    for rel, f in sorted(found, key=lambda x: x[0].split("/")):  # path order, part by part
+        (held if is_heldout(rel) else train).append(f)
     if not train or not held:
         raise RuntimeError(f"{root}: found {len(train)} training and {len(held)} held-out .py files; "
                            "is this a Python standard library directory?")

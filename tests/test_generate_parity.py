@@ -18,7 +18,7 @@ def _pair(tiny_checkpoint, preset, **kw):
 
 def _check(ours, hf, ids, mask=None, seed=0, **kw):
     torch.manual_seed(seed)
-    a = generate(ours, ids, mask, **kw)
+    a = generate(ours, ids, mask, sampling="reference", **kw)
     hf_kw = dict(kw)
     if hf_kw.pop("adaptive_stopping", True) is False:
         hf_kw["stability_threshold"] = None  # the reference turns adaptive stopping off this way
@@ -64,7 +64,7 @@ def test_batch2_different_prompt_lengths(tiny_checkpoint, preset):
     torch.manual_seed(3)
     a = generate(ours, [long.tolist(), short.tolist()], max_new_tokens=2 * ours.cfg.canvas_length)
     torch.manual_seed(3)
-    b = generate(ours, ids, mask, max_new_tokens=2 * ours.cfg.canvas_length)
+    b = generate(ours, ids, mask, max_new_tokens=2 * ours.cfg.canvas_length)  # fast sampling, same seed
     assert torch.equal(a.sequences, b.sequences)
 
 
@@ -75,7 +75,7 @@ def test_eos_inside_a_canvas(tiny_checkpoint, preset):
     V, C = ours.cfg.vocab_size, ours.cfg.canvas_length
     ids = torch.randint(5, V, (2, 8), generator=torch.Generator().manual_seed(11))
     torch.manual_seed(21)
-    probe = generate(ours, ids, max_new_tokens=3 * C, eos_token_ids=(V - 1,), pad_token_id=0)
+    probe = generate(ours, ids, max_new_tokens=3 * C, eos_token_ids=(V - 1,), pad_token_id=0, sampling="reference")
     new = probe.new_tokens[0]
     eos_id = int(new[C // 2])  # a token produced in the middle of the first canvas
     path = tiny_checkpoint(preset, eos=[eos_id])
@@ -120,3 +120,34 @@ def test_prompt_longer_than_context(tiny_checkpoint):
         generate(ours, torch.full((1, n), 7))
     with pytest.raises(GenerationError, match="outside the vocabulary"):
         generate(ours, torch.tensor([[5, ours.cfg.vocab_size + 3]]))
+
+
+def test_fast_sampler_matches_multinomial_in_distribution():
+    """Inverse-CDF draws (fast mode) follow softmax(logits): chi-square against the exact probabilities."""
+    from dgemma.runtime.generate import sample_fast, sample_reference
+
+    g = torch.Generator().manual_seed(0)
+    V, n = 11, 4000
+    logits = torch.randn(1, 1, V, generator=g) * 1.5
+    probs = torch.softmax(logits[0, 0], -1)
+    rows = logits.expand(1, n, V).contiguous()
+    fast, ent_fast = sample_fast(rows, g)
+    ref, ent_ref = sample_reference(rows, g)
+    assert torch.allclose(ent_fast, ent_ref, atol=1e-5)
+    for draws in (fast, ref):
+        counts = torch.bincount(draws.reshape(-1), minlength=V).double()
+        expected = probs.double() * n
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        print(f"chi-square {chi2:.1f} (df {V - 1}; 99.9% critical value 29.6)")
+        assert chi2 < 29.6
+
+
+def test_fast_mode_is_deterministic_and_valid(tiny_checkpoint):
+    ours = load_model(tiny_checkpoint("tiny-b"))
+    ids = torch.randint(5, ours.cfg.vocab_size, (2, 7), generator=torch.Generator().manual_seed(0))
+    a = generate(ours, ids, max_new_tokens=40, generator=torch.Generator().manual_seed(9))
+    b = generate(ours, ids, max_new_tokens=40, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(a.sequences, b.sequences)
+    assert int(a.sequences.max()) < ours.cfg.vocab_size and int(a.sequences.min()) >= 0
+    with pytest.raises(GenerationError, match="sampling"):
+        generate(ours, ids, sampling="greedy")

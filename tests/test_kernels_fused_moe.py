@@ -41,7 +41,8 @@ def rand_routing(t: int, e: int, topk: int, gen: torch.Generator) -> tuple[torch
 
 
 def _case(t, e, topk, h, i, act, fmt="nvfp4", skew=False, block_m=None, seed=0) -> dict:
-    from dgemma.kernels import fused_moe, fused_moe_torch
+    from dgemma.kernels import fused_moe_torch
+    from dgemma.kernels.fused_moe import fused_moe
 
     gen = torch.Generator().manual_seed(seed)
     ex = rand_experts(e, h, i, gen, fmt, dtype=act)
@@ -175,7 +176,8 @@ def test_input_errors():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_bf16_matches_twin_and_cuda_graph():
-    from dgemma.kernels import fused_moe, fused_moe_torch
+    from dgemma.kernels import fused_moe_torch
+    from dgemma.kernels.fused_moe import fused_moe
 
     gen = torch.Generator().manual_seed(13)
     ex = rand_experts(16, 256, 128, gen)

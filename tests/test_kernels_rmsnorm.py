@@ -14,7 +14,8 @@ from kernels_interp import check_case, rel_errors, run_worker, worker_main
 
 
 def _case(shape, dtype, weight=True, residual=False, seed=0) -> dict:
-    from dgemma.kernels import rmsnorm, rmsnorm_residual, rmsnorm_residual_torch, rmsnorm_torch
+    from dgemma.kernels import rmsnorm_residual_torch, rmsnorm_torch
+    from dgemma.kernels.rmsnorm import rmsnorm, rmsnorm_residual
 
     gen = torch.Generator().manual_seed(seed)
     x = (torch.randn(shape, generator=gen) * 3 + 0.5).to(dtype)
@@ -86,7 +87,8 @@ def test_input_errors():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_bf16_matches_twin():
-    from dgemma.kernels import rmsnorm_residual, rmsnorm_residual_torch
+    from dgemma.kernels import rmsnorm_residual_torch
+    from dgemma.kernels.rmsnorm import rmsnorm_residual
 
     x = torch.randn((256, 2816), device="cuda").to(torch.bfloat16)
     r = torch.randn_like(x)
