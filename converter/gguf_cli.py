@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from pathlib import Path
 
@@ -52,9 +53,16 @@ def gguf(src: Path, out: Path, mix: str, calib: Path | None, force: bool, dry_ru
             return
         opts = GGUFExportOptions(src=src, out=out, mix=mix, calib=calib, force=force)
         bar = _Bar(disable=quiet)
+        # SIGTERM (kill, a job scheduler) unwinds like Ctrl-C, so the partial output is removed too
+        try:
+            old = signal.signal(signal.SIGTERM, _raise_interrupt)
+        except ValueError:  # not the main thread: leave signals alone
+            old = None
         try:
             res = export_gguf(opts, progress=bar)
         finally:
+            if old is not None:
+                signal.signal(signal.SIGTERM, old)
             bar.close()
     except KeyboardInterrupt:
         click.echo("interrupted: nothing was written", err=True)
@@ -69,6 +77,10 @@ def gguf(src: Path, out: Path, mix: str, calib: Path | None, force: bool, dry_ru
         f"wrote {res.path}: {res.n_tensors} tensors ({types}), {res.n_keys} metadata keys, "
         f"{res.file_bytes / 1e9:.3f} GB in {res.seconds:.1f} s ({mb / max(res.seconds, 1e-9):.1f} MB/s of source)"
     )
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 class _Bar:

@@ -143,15 +143,14 @@ def sample_reference(processed: torch.Tensor, generator: torch.Generator | None)
 
 
 def sample_fast(processed: torch.Tensor, generator: torch.Generator | None):
-    """One pass for softmax and entropy, then inverse-CDF sampling from one uniform per position."""
+    """One pass over the logits for softmax, entropy, argmax and an inverse-CDF sample from one uniform per
+    position: the fused Triton sampler on CUDA, its chunked torch twin elsewhere (kernels/sampler.py)."""
+    from ..kernels import dispatch
+
     B, C, V = processed.shape
-    lse = torch.logsumexp(processed, dim=-1, keepdim=True)
-    p = torch.exp(processed - lse)
-    entropy = lse.squeeze(-1) - (p * processed).sum(-1)
-    cdf = torch.cumsum(p, dim=-1, out=p)  # in place: p is not needed any more
-    u = torch.rand(B, C, 1, device=processed.device, generator=generator, dtype=cdf.dtype) * cdf[..., -1:]
-    sample = torch.searchsorted(cdf, u).squeeze(-1).clamp_(max=V - 1)
-    return sample, entropy
+    u = torch.rand(B * C, device=processed.device, generator=generator)
+    out = dispatch.sample_logits(processed.reshape(B * C, V).contiguous(), 1.0, u)
+    return out.sample.view(B, C), out.entropy.view(B, C)
 
 
 SAMPLERS = {"reference": sample_reference, "fast": sample_fast}

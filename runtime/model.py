@@ -13,12 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import dispatch
+from ..kernels.fused_moe import DenseExperts
 from .config import DGConfig, LayerGeometry, RopeParams
 from .kv_cache import KVCache
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
-    """y = x * (mean(x^2) + eps)^-0.5 [* w], in fp32, cast back (no `1 + w`: Gemma 4 multiplies directly)."""
+    """y = x * (mean(x^2) + eps)^-0.5 [* w], in fp32, cast back (no `1 + w`: Gemma 4 multiplies directly).
+    On CUDA this is the Triton kernel; elsewhere the reference's own formula (bit-equal to it)."""
+    if dispatch.use_triton(x.device):
+        return dispatch.rmsnorm(x.contiguous(), weight, eps)
     xf = x.float()
     y = xf * torch.pow(xf.pow(2).mean(-1, keepdim=True) + eps, -0.5)
     if weight is not None:
@@ -219,6 +224,9 @@ class Experts(nn.Module):
         """x [N, H], idx/w [N, K] -> [N, H]. Token-expert pairs are sorted by expert and run as one grouped GEMM
         per projection (no Python loop over tokens), then summed over k per token. This is the reference's own
         order of operations, so the result matches it bit for bit."""
+        if dispatch.use_triton(x.device):
+            # fused Triton MoE (sort/align, grouped GEMMs with the activation fused, weighted combine)
+            return dispatch.fused_moe(x.contiguous(), w, idx, DenseExperts(self.gate_up_proj, self.down_proj))
         N, K = idx.shape
         E = self.num_experts
         sorted_e, perm = torch.sort(idx.reshape(-1))  # [N*K]
@@ -331,6 +339,11 @@ class DGModel(nn.Module):
     def soft_embedding(self, sc_logits: torch.Tensor) -> torch.Tensor:
         """softmax(previous processed logits) @ E * embed_scale, in the embedding dtype."""
         w = self.embed_tokens.weight
+        if dispatch.use_triton(sc_logits.device):
+            # no second [C, V] fp32 tensor on the GPU: softmax is rebuilt in registers from a row logsumexp
+            B, C, V = sc_logits.shape
+            out = dispatch.sc_soft_embedding(sc_logits.reshape(B * C, V), w, self.cfg.embed_scale)
+            return out.view(B, C, -1)
         p = sc_logits.softmax(dim=-1, dtype=torch.float32).to(w.dtype)
         return (p @ w) * torch.tensor(self.cfg.embed_scale).to(w.dtype)
 

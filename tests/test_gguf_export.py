@@ -103,9 +103,18 @@ def _preset(name: str):
 
 
 @pytest.fixture(scope="module")
-def bf16_source(tiny_checkpoint):
-    """bf16 checkpoints (so a BF16 GGUF is lossless)."""
-    return lambda p: tiny_checkpoint(_preset(p), dtype="bfloat16", shards=2)
+def bf16_source(tmp_path_factory):
+    """bf16 checkpoints (so a BF16 GGUF is lossless), written once per module."""
+    from conftest import tiny
+
+    made: dict[str, Path] = {}
+
+    def get(p: str) -> Path:
+        if p not in made:
+            made[p] = tiny.write_checkpoint(tmp_path_factory.mktemp(p), _preset(p), dtype="bfloat16", shards=2)
+        return made[p]
+
+    return get
 
 
 @pytest.fixture(scope="module")
@@ -266,9 +275,10 @@ def test_layout_keys_tensors_and_data(exported, preset: str, mix: str) -> None:
     print(f"{preset} {mix}: worst relative RMSE per type {({k: round(v, 4) for k, v in worst.items()})}")
 
 
-def test_real_26b_metadata_and_plan() -> None:
+def test_real_26b_metadata_and_plan(tmp_path, monkeypatch) -> None:
     """Metadata values for the real config equal the Unsloth file's (gguf.md §2); 692 tensors in the Q4_K_M
     counts of the published file."""
+    monkeypatch.chdir(tmp_path)
     cfg = DGConfig.from_pretrained(REAL_CONFIG)
     tok = GGUFTokenizerMetadata(tokens=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"], scores=[0.0] * 5,
                                 token_types=[3] * 5, merges=["a b"], bos_id=2, eos_id=1, unk_id=3, pad_id=0,
