@@ -56,7 +56,7 @@ from torch import nn
 from ..runtime.config import DGConfig
 from ..runtime.errors import CheckpointError, FormatError
 from ..runtime.hf_names import DEC, ENC, layer_tensors
-from ..runtime.model import Layer, SelfConditioning, gelu_tanh, rms_norm, rope_cos_sin, rope_inv_freq
+from ..runtime.model import Layer, SelfConditioning, gelu_tanh, rope_cos_sin, rope_inv_freq
 from ..runtime.safetensors_io import DTYPES, CheckpointFiles, TensorInfo
 from .calib_data import CalibSample
 
@@ -404,7 +404,10 @@ class CalibOptions:
     seed: int = 0
     sc_every: int = 2  # every sc_every-th sample gets self-conditioning input (1 = all)
     sc_alternatives: int = 2
-    ref_dtype: torch.dtype = torch.bfloat16  # storage of the reference outputs between collect and advance
+    # storage of the hidden states between layers and of the reference outputs between collect and advance
+    # (the math is fp32 either way); bf16 halves the activation memory of a bf16 model's calibration
+    state_dtype: torch.dtype = torch.float32
+    ref_dtype: torch.dtype = torch.bfloat16
 
 
 @dataclass(frozen=True)
@@ -456,6 +459,9 @@ class StreamingCalibrator:
         if bad >= V:
             raise FormatError(f"the tokenizer produced id {bad}, beyond the model's vocab_size {V}")
         self.n_samples = len(prompts)
+        # kept for inspection and tests: token ids per sample, which canvases got SC input, and its sparse inputs
+        self.prompts, self.canvases, self.sc_flags = prompts, canvases, sc_flags
+        self.sc_inputs: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.enc_tokens = sum(len(p) for p in prompts)
         self.dec_tokens = C * len(canvases)
         self.stats.meta.update(samples=str(self.n_samples), encoder_tokens=str(self.enc_tokens),
@@ -504,7 +510,7 @@ class StreamingCalibrator:
             setattr(sc, n, F32Linear(sct[f"{n}.weight"], f"{DEC}.self_conditioning.{n}", self.stats))
         C = cfg.canvas_length
         for ch in self.chunks:
-            ch.enc = torch.cat([emb(prompts[j]) for j in ch.samples])
+            ch.enc = torch.cat([emb(prompts[j]) for j in ch.samples]).to(opt.state_dtype)
             decs = []
             for j in ch.samples:
                 x = emb(canvases[j])  # [C, H]
@@ -512,18 +518,19 @@ class StreamingCalibrator:
                 if sc_flags[j]:
                     soft = self._soft(emb, canvases[j], cleans[j], g).unsqueeze(0)
                 decs.append(sc(x.unsqueeze(0), soft)[0])
-            ch.dec = torch.cat(decs)
+            ch.dec = torch.cat(decs).to(opt.state_dtype)
         del rows
 
     def _soft(self, emb: Callable, noisy: torch.Tensor, clean: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        """The sparse SC soft embedding [C, H] (see the module docstring)."""
+        """The sparse SC soft embedding [C, H] (see the module docstring); records (ids, probs) [C, 2 + m]."""
         C, m = clean.numel(), self.options.sc_alternatives
         c = 0.3 + 0.7 * torch.rand(C, generator=g)  # mass on the clean token
-        others = [noisy] + [clean[torch.randint(0, C, (C,), generator=g)] for _ in range(m)]
-        soft = c[:, None] * emb(clean)
-        rest = ((1.0 - c) / len(others))[:, None]
-        for o in others:
-            soft = soft + rest * emb(o)
+        ids = torch.stack([clean, noisy] + [clean[torch.randint(0, C, (C,), generator=g)] for _ in range(m)], dim=1)
+        probs = torch.cat([c[:, None], ((1.0 - c) / (m + 1))[:, None].expand(C, m + 1)], dim=1)
+        self.sc_inputs.append((ids, probs))
+        soft = torch.zeros(C, self.cfg.hidden_size)
+        for j in range(ids.shape[1]):
+            soft += probs[:, j:j + 1] * emb(ids[:, j])
         return soft
 
     # ---- per-layer passes ---------------------------------------------------------------------------------------
@@ -578,39 +585,45 @@ class StreamingCalibrator:
         """Run the unquantized layer i over every chunk, recording statistics and keeping the reference outputs."""
         layer = build_layer(self.cfg, i, tensors, self.stats)
         for ch in self.chunks:
-            enc, dec = self._run(layer, ch, ch.enc, ch.dec)
+            enc, dec = self._run(layer, ch, ch.enc.float(), ch.dec.float())
             ch.enc_ref, ch.dec_ref = enc.to(self.options.ref_dtype), dec.to(self.options.ref_dtype)
         return self.stats
+
+    def evaluate(self, i: int, layer: Layer) -> LayerError:
+        """Output error of a (quantized) layer i against the reference of the last `collect(i)`; nothing changes."""
+        return self._pass(i, layer, advance=False)
 
     def advance(self, i: int, layer: Layer | None) -> LayerError:
         """Run the quantized layer i (None: take the reference outputs as they are), log its error against the
         reference, and make its outputs the next layer's inputs."""
-        num = {"enc": 0.0, "dec": 0.0, "encd": 0.0, "decd": 0.0}
-        den = dict.fromkeys(num, 0.0)
-        for ch in self.chunks:
-            if ch.enc_ref is None or ch.dec_ref is None:
-                raise RuntimeError(f"advance({i}) without collect({i})")
-            if layer is None:
-                ch.enc, ch.dec = ch.enc_ref.float(), ch.dec_ref.float()
-            else:
-                enc, dec = self._run(layer, ch, ch.enc, ch.dec)
-                for key, out, ref, x, s in (("enc", enc, ch.enc_ref, ch.enc, layer.encoder_layer_scalar),
-                                            ("dec", dec, ch.dec_ref, ch.dec, layer.layer_scalar)):
-                    ref = ref.float()
-                    num[key] += float((out - ref).double().square().sum())
-                    den[key] += float(ref.double().square().sum())
-                    base = x * s.float()
-                    num[key + "d"] += float((out - ref).double().square().sum())
-                    den[key + "d"] += float((ref - base).double().square().sum())
-                ch.enc, ch.dec = enc, dec
-            ch.enc_ref = ch.dec_ref = None
-        err = LayerError(i, _rel(num["enc"], den["enc"]), _rel(num["dec"], den["dec"]),
-                         _rel(num["encd"], den["encd"]), _rel(num["decd"], den["decd"]))
+        err = self._pass(i, layer, advance=True)
         self.errors.append(err)
         if layer is not None:
             log.info("layer %d: output rel. error vs bf16 %.4f (encoder) %.4f (decoder); update rel. error %.4f / %.4f",
                      i, err.enc_rel, err.dec_rel, err.enc_rel_delta, err.dec_rel_delta)
         return err
+
+    def _pass(self, i: int, layer: Layer | None, advance: bool) -> LayerError:
+        num = {"enc": 0.0, "dec": 0.0}
+        den = {"enc": 0.0, "dec": 0.0, "encd": 0.0, "decd": 0.0}
+        for ch in self.chunks:
+            if ch.enc_ref is None or ch.dec_ref is None:
+                raise RuntimeError(f"layer {i}: evaluate/advance without collect")
+            if layer is None:
+                enc, dec = ch.enc_ref.float(), ch.dec_ref.float()
+            else:
+                enc, dec = self._run(layer, ch, ch.enc.float(), ch.dec.float())
+                for key, out, ref, x, s in (("enc", enc, ch.enc_ref, ch.enc, layer.encoder_layer_scalar),
+                                            ("dec", dec, ch.dec_ref, ch.dec, layer.layer_scalar)):
+                    ref = ref.double()
+                    num[key] += float((out.double() - ref).square().sum())
+                    den[key] += float(ref.square().sum())
+                    den[key + "d"] += float((ref - x.double() * s.double()).square().sum())
+            if advance:
+                ch.enc, ch.dec = enc.to(self.options.state_dtype), dec.to(self.options.state_dtype)
+                ch.enc_ref = ch.dec_ref = None
+        return LayerError(i, _rel(num["enc"], den["enc"]), _rel(num["dec"], den["dec"]),
+                          _rel(num["enc"], den["encd"]), _rel(num["dec"], den["decd"]))
 
     def hidden_states(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Current per-sample hidden states (encoder [P, H], decoder [C, H]) in sample order (tests, tools)."""

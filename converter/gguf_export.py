@@ -265,10 +265,16 @@ def tokenizer_metadata(tok: Tokenizer, vocab_size: int) -> GGUFTokenizerMetadata
 
 
 class _Source:
-    """The HF tensors a plan needs, read one at a time (encoder copies stand in for missing decoder names)."""
+    """The HF tensors a plan needs, read one at a time (encoder copies stand in for missing decoder names).
 
-    def __init__(self, path: Path, cfg: DGConfig, plan: list[GGUFTensorSpec]):
+    Reads are plain file reads (calibrate.RawReader), not memory maps: pages of a mapped checkpoint stay in the
+    process's resident set once touched, so a mapped 50 GB source would show as 50 GB RSS by the end."""
+
+    def __init__(self, path: Path, plan: list[GGUFTensorSpec]):
+        from .calibrate import RawReader
+
         self.files = CheckpointFiles(path)
+        self.reader = RawReader(self.files)
         self.path = path
         need: dict[str, tuple[int, ...]] = {}
         for s in plan:
@@ -308,7 +314,8 @@ class _Source:
     def get(self, name: str) -> torch.Tensor:
         if self._last is not None and self._last[0] == name:
             return self._last[1]
-        t = self.files.get(self.sources[name])
+        self._last = None  # drop the previous tensor before reading the next (one source tensor in RAM)
+        t = self.reader.read(self.sources[name])
         if not all_finite(t):
             raise CheckpointError(f"{self.path}: tensor {self.sources[name]!r} contains NaN or Inf values")
         self._last = (name, t)
@@ -483,7 +490,7 @@ def export_gguf(opts: GGUFExportOptions, progress: ProgressFn | None = None) -> 
         importance, note = load_importance(Path(opts.calib), cfg)
         if note:
             notes.append(note)
-    src_files = _Source(src, cfg, plan)
+    src_files = _Source(src, plan)
 
     writer: gguf.GGUFWriter | None = None
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -41,19 +40,19 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from tqdm.auto import tqdm
 
 from ..runtime.config import DGConfig
 from ..runtime.errors import CheckpointError, ConfigError, DGemmaError, FormatError
-from ..runtime.hf_names import DEC, ENC, TensorSpec, checkpoint_tensors, encoder_alias, is_vision, layer_tensors
-from ..runtime.model import Layer
+from ..runtime.hf_names import DEC, ENC, checkpoint_tensors, encoder_alias, is_vision, layer_tensors
 from ..runtime.nvfp4_linear import NVFP4Experts, NVFP4Linear
 from ..runtime.safetensors_io import DTYPES, CheckpointFiles
 from ..runtime.tokenizer import Tokenizer
 from .calib_data import load_calibration
 from .calibrate import STATS_FILE, CalibOptions, CalibrationStats, RawReader, StreamingCalibrator, build_layer, \
     layer_tensor_names
-from .nvfp4 import NVFP4Tensor, global_scale_from_amax, input_scale_from_amax, quantize, quantize_with_block_scales, \
-    shared_weight_scale_2, tensor_amax
+from .nvfp4 import NVFP4Tensor, global_scale_from_amax, input_scale_from_amax, quantize, shared_weight_scale_2, \
+    tensor_amax
 from .policy import NVFP4, check_preset, describe_plan, tensor_plan
 from .scale_search import mse_quantize
 
@@ -568,17 +567,18 @@ def convert_nvfp4(src: str | Path, dst: str | Path, options: ConvertOptions = Co
         sc_tensors = {n[len(f"{DEC}.self_conditioning."):]: reader.read(sources[n]) for n in sc_names}
         for n, t in sc_tensors.items():
             _check_finite(n, t)
+        # a bf16 model keeps its calibration activations in bf16 (as it runs), anything else in fp32
+        act = torch.bfloat16 if src_dtype(f"{DEC}.embed_tokens.weight") == "BF16" else torch.float32
         calib = StreamingCalibrator(reader, cfg, samples, tokenizer,
                                     CalibOptions(max_prompt_tokens=options.max_prompt_tokens,
-                                                 chunk_tokens=options.chunk_tokens, seed=options.seed),
+                                                 chunk_tokens=options.chunk_tokens, seed=options.seed,
+                                                 state_dtype=act, ref_dtype=act),
                                     sc_tensors=sc_tensors)
         report.calibration = dict(calib.stats.meta, activation_bytes=calib.activation_bytes())
         log.info("calibration: %d samples, %d encoder + %d decoder tokens", calib.n_samples, calib.enc_tokens,
                  calib.dec_tokens)
         _copy_raw(reader, writer, sources[f"{DEC}.embed_tokens.weight"], f"{DEC}.embed_tokens.weight")
         quantizer = LayerQuantizer(cfg, fmts, options)
-        from tqdm.auto import tqdm
-
         bar = tqdm(range(cfg.num_hidden_layers), desc="nvfp4", unit="layer", disable=not options.progress)
         for i in bar:
             t0 = time.perf_counter()
@@ -643,7 +643,10 @@ def _replace(tmp: Path, dst: Path) -> None:
             os.replace(old, dst)
         raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink()
 
 
 def plan_bytes(cfg: DGConfig, preset: str, layout: str = "modelopt") -> int:
@@ -657,4 +660,4 @@ def plan_bytes(cfg: DGConfig, preset: str, layout: str = "modelopt") -> int:
 
 
 __all__ = ["ConvertOptions", "ConvertReport", "convert_nvfp4", "LAYOUTS", "SCALE_SEARCHES", "quant_configs",
-           "ShardWriter", "OutTensor", "plan_bytes", "LayerQuantizer", "REPORT_FILE", "TensorSpec", "Layer", "math"]
+           "ShardWriter", "OutTensor", "plan_bytes", "LayerQuantizer", "REPORT_FILE"]

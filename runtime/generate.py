@@ -170,6 +170,7 @@ def denoise_canvas(
     streamer: Any = None,
     active: torch.Tensor | None = None,
     sampling: str = "fast",
+    sc_top_k: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Denoise one canvas against the committed cache. Returns (argmax canvas [B, C], decoder forward passes
     counted per row [B], steps run). `active` [B] marks rows whose sequence is not finished yet."""
@@ -188,7 +189,7 @@ def denoise_canvas(
     for cur_step in range(N, 0, -1):
         passes += ~(finished | ~active)
         steps += 1
-        raw = model.decode(canvas, cache, sc_logits)  # [B, C, V] fp32, softcapped
+        raw = model.decode(canvas, cache, sc_logits, sc_top_k=sc_top_k)  # [B, C, V] fp32, softcapped
         # the reference computes the temperature as fp32 tensor arithmetic on an int32 step counter
         step_t = torch.tensor(cur_step, dtype=torch.int32, device=dev)
         processed = raw / (s.t_min + (s.t_max - s.t_min) * (step_t / N))
@@ -254,14 +255,19 @@ def generate(
     generator: torch.Generator | None = None,
     cache: KVCache | None = None,
     sampling: str = "fast",
+    sc_top_k: int | None = None,
     **sampler_overrides: Any,
 ) -> GenerationResult:
     """Generate canvases after `input_ids`. Sampler parameters default to the checkpoint's generation_config.
     With `cache` (a session), `input_ids` are only the new tokens to commit after what the cache holds.
-    `sampling`: "fast" (default) or "reference" (HF-identical random draws; see the module docstring)."""
+    `sampling`: "fast" (default) or "reference" (HF-identical random draws; see the module docstring).
+    `sc_top_k`: approximate the self-conditioning soft embedding with each position's k likeliest tokens
+    (None, the default, is exact)."""
     cfg = model.cfg
     if sampling not in SAMPLERS:
         raise GenerationError(f"sampling must be one of {sorted(SAMPLERS)}, got {sampling!r}")
+    if sc_top_k is not None and (not isinstance(sc_top_k, int) or sc_top_k < 1):
+        raise GenerationError(f"sc_top_k must be a positive integer or None, got {sc_top_k!r}")
     s = SamplerSettings.resolve(cfg.generation, **sampler_overrides)
     for t in s.eos_token_ids + ((s.pad_token_id,) if s.pad_token_id is not None else ()):
         if not 0 <= t < cfg.vocab_size:
@@ -306,7 +312,7 @@ def generate(
         model.encode(to_commit, cache, commit_valid)
         t1 = time.perf_counter()
         timings["encode_s"] += t1 - t0
-        argmax, p, steps = denoise_canvas(model, cache, s, B, generator, streamer, ~finished_seq, sampling)
+        argmax, p, steps = denoise_canvas(model, cache, s, B, generator, streamer, ~finished_seq, sampling, sc_top_k)
         timings["denoise_s"] += time.perf_counter() - t1
         if ci == 0:
             timings["first_canvas_s"] = time.perf_counter() - t_start

@@ -56,6 +56,10 @@ REQUIRED_KEYS = (
 )
 
 
+_SCALED_WEIGHTS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "ffn_gate_exps",
+                   "ffn_up_exps", "ffn_down_exps", "self_cond_gate", "self_cond_up", "self_cond_down")
+
+
 @dataclass
 class GGUFFile:
     path: Path
@@ -291,13 +295,16 @@ def _check_tensors(f: GGUFFile, cfg: DGConfig, plan: list[GGUFTensorSpec]) -> di
     if missing:
         more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
         raise FormatError(f"{f.path}: missing tensors: {', '.join(missing[:8])}{more}")
+    # llama.cpp's generic loader creates optional `.scale` / `.input_scale` tensors (TENSOR_NOT_REQUIRED) for
+    # these weights only; never for ffn_gate_up_exps, and ffn_down_exps.scale is per_expert_scale (in the plan)
     companions: dict[str, tuple[tuple[int, ...], ...]] = {}
     for n, shp in want.items():
-        if n.endswith(".weight") and len(shp) >= 2 and "ffn_gate_inp" not in n:
-            base = n[: -len(".weight")]
+        base = n[: -len(".weight")]
+        kind = base.rsplit(".", 1)[-1]
+        if n.endswith(".weight") and kind in _SCALED_WEIGHTS:
             ok = ((1,), (shp[2],)) if len(shp) == 3 else ((1,),)
-            if base != "token_embd" and not n.endswith("ffn_down_exps.weight"):
-                companions[base + ".scale"] = ok  # ffn_down_exps.scale is per_expert_scale (in the plan)
+            if kind != "ffn_down_exps":
+                companions[base + ".scale"] = ok
             companions[base + ".input_scale"] = ok
     companions["output.weight"] = (want["token_embd.weight"],)
     unexpected = [n for n in names if n not in want and n not in companions]

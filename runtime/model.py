@@ -336,9 +336,17 @@ class DGModel(nn.Module):
         # the scale is cast to the weight dtype first (sqrt(2816) becomes 53.0 in bf16), as HF does
         return F.embedding(ids, w) * torch.tensor(self.cfg.embed_scale).to(w.dtype)
 
-    def soft_embedding(self, sc_logits: torch.Tensor) -> torch.Tensor:
-        """softmax(previous processed logits) @ E * embed_scale, in the embedding dtype."""
+    def soft_embedding(self, sc_logits: torch.Tensor, top_k: int | None = None) -> torch.Tensor:
+        """softmax(previous processed logits) @ E * embed_scale, in the embedding dtype.
+
+        `top_k` (an approximation, off by default): keep only each position's k most likely tokens,
+        renormalized, and gather their embedding rows instead of a [V, H] matmul (as MAX and llama.cpp do)."""
         w = self.embed_tokens.weight
+        if top_k is not None and top_k < sc_logits.shape[-1]:
+            vals, idx = sc_logits.float().topk(top_k, dim=-1)  # [B, C, k]
+            p = torch.softmax(vals, dim=-1).to(w.dtype)
+            soft = torch.einsum("bck,bckh->bch", p, F.embedding(idx, w))
+            return soft * torch.tensor(self.cfg.embed_scale).to(w.dtype)
         if dispatch.use_triton(sc_logits.device):
             # no second [C, V] fp32 tensor on the GPU: softmax is rebuilt in registers from a row logsumexp
             B, C, V = sc_logits.shape
@@ -381,7 +389,7 @@ class DGModel(nn.Module):
     # ---- decoder ----------------------------------------------------------------------------------------
     def decode_hidden(
         self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None = None,
-        sc_mask: torch.Tensor | None = None,
+        sc_mask: torch.Tensor | None = None, sc_top_k: int | None = None,
     ) -> torch.Tensor:
         B, C = canvas.shape
         if C > cache.canvas:
@@ -390,7 +398,7 @@ class DGModel(nn.Module):
         x = self.embed(canvas)
         soft = None
         if sc_logits is not None:
-            soft = self.soft_embedding(sc_logits).to(x.dtype)
+            soft = self.soft_embedding(sc_logits, sc_top_k).to(x.dtype)
             if sc_mask is not None:
                 soft = soft * sc_mask.to(soft.dtype)[:, None, None]
         x = self.self_conditioning(x, soft)
@@ -406,10 +414,10 @@ class DGModel(nn.Module):
 
     def decode(
         self, canvas: torch.Tensor, cache: KVCache, sc_logits: torch.Tensor | None = None,
-        sc_mask: torch.Tensor | None = None,
+        sc_mask: torch.Tensor | None = None, sc_top_k: int | None = None,
     ) -> torch.Tensor:
         """Denoiser logits (fp32, softcapped) [B, C, V] for a canvas [B, C]; the cache is only read."""
-        return self.logits(self.decode_hidden(canvas, cache, sc_logits, sc_mask))
+        return self.logits(self.decode_hidden(canvas, cache, sc_logits, sc_mask, sc_top_k))
 
     def new_cache(self, batch_size: int, max_length: int, rollback: int = 0) -> KVCache:
         return KVCache(self.cfg, batch_size, max_length, device=self.device, dtype=self.dtype, rollback=rollback)

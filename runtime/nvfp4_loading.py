@@ -30,7 +30,7 @@ import torch
 
 from .config import DGConfig
 from .errors import CheckpointError, ConfigError
-from .hf_names import DEC, ENC, TensorSpec, checkpoint_tensors, is_vision
+from .hf_names import DEC, ENC, checkpoint_tensors, is_vision
 from .loading import FLOAT_DTYPES, _set_tensor, runtime_name
 from .model import DGModel, Experts, build_meta, rope_inv_freq
 from .nvfp4_linear import NVFP4Experts, NVFP4Linear
@@ -342,4 +342,4 @@ def quantized_modules(model: DGModel) -> dict[str, torch.nn.Module]:
 
 
 __all__ = ["LAYOUTS", "MODELOPT", "COMPRESSED_TENSORS", "QuantFormat", "read_quant_format", "load_nvfp4_model",
-           "quantized_modules", "TensorSpec"]
+           "quantized_modules"]

@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import resource
-import shutil
 import struct
 import subprocess
 import sys
@@ -104,7 +103,10 @@ def write_streaming_checkpoint(out: Path, p: dict, seed: int = 0) -> int:
 _CHILD = r"""
 import json, resource, sys, time
 from pathlib import Path
+import torch
 from dgemma.converter.gguf_export import GGUFExportOptions, export_gguf
+if int(sys.argv[4]) > 0:
+    torch.set_num_threads(int(sys.argv[4]))
 t0 = time.perf_counter()
 res = export_gguf(GGUFExportOptions(Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], force=True))
 print(json.dumps({"seconds": time.perf_counter() - t0, "source_bytes": res.source_bytes,
@@ -154,8 +156,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--experts-slice", type=int, default=8, help="experts of the gate_up stack in the quantizer test")
     ap.add_argument("--keep", action="store_true", help="keep the output GGUF")
     ap.add_argument("--skip-convert", action="store_true")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads in the converter (0: torch's default); 1 avoids stalls on a busy machine")
     a = ap.parse_args(argv)
     src, out = a.work / "src", a.work / f"synthetic-{a.type}.gguf"
+    if a.threads > 0:
+        torch.set_num_threads(a.threads)
     print(f"load average before: {os.getloadavg()}  cpus: {os.cpu_count()}  torch threads: {torch.get_num_threads()}")
     if not (src / "model.safetensors").is_file():
         t0 = time.perf_counter()
@@ -165,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         print(f"reusing {src}")
     if not a.skip_convert:
-        r = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(out), a.type], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-c", _CHILD, str(src), str(out), a.type, str(a.threads)], capture_output=True, text=True)
         if r.returncode:
             print(r.stderr[-4000:])
             return r.returncode

@@ -30,7 +30,8 @@ SCHEMA = {
 def test_json_schema_and_all_sampler_options(ckpt):
     r = _run(["Hello", "--model", str(ckpt), "--json", "--seed", "3", "--max-new-tokens", "20", "--steps", "4",
               "--t-min", "0.3", "--t-max", "0.9", "--entropy-bound", "0.5", "--confidence-threshold", "0.01",
-              "--stability", "2", "--system", "Be brief.", "--think", "--device", "cpu", "--dtype", "float32"])
+              "--stability", "2", "--system", "Be brief.", "--think", "--device", "cpu", "--dtype", "float32",
+              "--sampling", "reference", "--sc-top-k", "8"])
     assert r.exit_code == 0, r.output
     rec = json.loads(r.output)
     for k, t in SCHEMA.items():
@@ -44,7 +45,7 @@ def test_json_schema_and_all_sampler_options(ckpt):
     again = json.loads(_run(["Hello", "--model", str(ckpt), "--json", "--seed", "3", "--max-new-tokens", "20",
                              "--steps", "4", "--t-min", "0.3", "--t-max", "0.9", "--entropy-bound", "0.5",
                              "--confidence-threshold", "0.01", "--stability", "2", "--system", "Be brief.",
-                             "--think"]).output)
+                             "--think", "--sampling", "reference", "--sc-top-k", "8"]).output)
     assert again["token_ids"] == rec["token_ids"]
     fixed = json.loads(_run(["Hi", "--model", str(ckpt), "--json", "--no-adaptive", "--steps", "3"]).output)
     assert fixed["steps_per_canvas"] == [3]
@@ -70,6 +71,8 @@ def test_plain_output_raw_and_stdin(ckpt):
         (["--device", "tpu9"], "device"),
         (["--dtype", "int8"], "dtype"),
         (["--raw", "--system", "x"], "--system needs chat formatting"),
+        (["--sc-top-k", "0"], "sc_top_k must be a positive integer"),
+        (["--sampling", "greedy"], "sampling"),
     ],
 )
 def test_bad_values_exit_2_with_one_line(ckpt, args, needle):
@@ -103,5 +106,5 @@ def test_help_explains():
     assert r.exit_code == 0
     for opt in ("--model", "--system", "--think", "--show-thoughts", "--max-new-tokens", "--steps", "--t-min",
                 "--t-max", "--entropy-bound", "--confidence-threshold", "--stability", "--seed", "--stream",
-                "--json", "--device", "--dtype"):
+                "--json", "--device", "--dtype", "--sampling", "--sc-top-k"):
         assert opt in r.output

@@ -102,6 +102,15 @@ def _preset(name: str):
     return TINY_K if name == "tiny-k" else name
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one torch thread is faster, and does not stall when other jobs load the machine's cores."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def bf16_source(tmp_path_factory):
     """bf16 checkpoints (so a BF16 GGUF is lossless), written once per module."""

@@ -121,3 +121,18 @@ def test_context_overflow_is_a_clear_error(tiny_checkpoint):
     cache = m.new_cache(1, 10)
     with pytest.raises(GenerationError, match="context is full"):
         m.encode(torch.zeros(1, 11, dtype=torch.long), cache)
+
+
+def test_sc_top_k_approximation(tiny_checkpoint):
+    """Top-k self-conditioning equals the exact soft embedding when k = V and stays close for small k."""
+    m = load_model(tiny_checkpoint("tiny-a"))
+    cfg = m.cfg
+    g = torch.Generator().manual_seed(0)
+    sc = torch.randn(2, cfg.canvas_length, cfg.vocab_size, generator=g) * 6  # peaked, like late denoising steps
+    exact = m.soft_embedding(sc)
+    full = m.soft_embedding(sc, top_k=cfg.vocab_size)
+    assert torch.equal(full, exact)
+    approx = m.soft_embedding(sc, top_k=64)
+    rel = ((approx - exact).norm() / exact.norm()).item()
+    print(f"top-64 SC soft embedding relative error {rel:.3e}")
+    assert rel < 0.05
