@@ -57,6 +57,7 @@ from ..runtime.config import DGConfig
 from ..runtime.errors import CheckpointError, FormatError
 from ..runtime.hf_names import DEC, ENC, layer_tensors
 from ..runtime.model import Layer, SelfConditioning, gelu_tanh, rope_cos_sin, rope_inv_freq
+from ..runtime.nvfp4_linear import NVFP4Experts
 from ..runtime.safetensors_io import DTYPES, CheckpointFiles, TensorInfo
 from .calib_data import CalibSample
 
@@ -160,7 +161,7 @@ class InputStats:
             return
         xf = x.reshape(-1, self.K).float()
         a = xf.abs().amax()
-        s = xf.double().square().sum(dim=0)
+        s = (xf * xf).sum(dim=0).double()  # fp32 over one chunk, fp64 across chunks
         if expert is None:
             self.amax = torch.maximum(self.amax, a)
             self.sq_sum += s
@@ -264,58 +265,69 @@ class CalibrationStats:
 
 
 class F32Linear(nn.Module):
-    """A bf16/fp32 linear run in fp32 (the weight is cast once, lazily), optionally recording its input stats."""
+    """A bf16/fp32 linear run in fp32, optionally recording its input statistics. The fp32 weight is a per-call
+    temporary (not cached: that would hold a second copy of the layer's dense weights)."""
 
     def __init__(self, weight: torch.Tensor, name: str, stats: CalibrationStats | None):
         super().__init__()
         self.weight, self.name, self.stats = weight, name, stats
-        self._w32: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.stats is not None:
             self.stats.get(self.name, self.weight.shape[1]).observe(x)
-        if self._w32 is None:
-            self._w32 = self.weight.float()
-        return F.linear(x.float(), self._w32)
+        return F.linear(x.float(), self.weight.float())
 
 
 class CalibExperts(nn.Module):
-    """Unquantized experts (HF stacks), one expert at a time in fp32, recording per-expert input statistics.
+    """Experts run one at a time in fp32 from per-expert weight getters, recording per-expert input statistics.
 
-    Same order of operations as `runtime.model.Experts.forward` (pairs sorted by expert, sum over k)."""
+    Same math as `runtime.model.Experts.forward`; the k contributions of a token are accumulated in fp32 with
+    index_add (no [T*k, H] copies, so the memory stays bounded at real widths). `gate_up(e)` -> [2I, H] and
+    `down(e)` -> [H, I], fp32: slices of HF stacks, or an `NVFP4Experts`' dequantized expert."""
 
-    def __init__(self, gate_up: torch.Tensor, down: torch.Tensor, names: tuple[str, str], stats: CalibrationStats | None):
+    def __init__(self, gate_up: Callable[[int], torch.Tensor], down: Callable[[int], torch.Tensor], num_experts: int,
+                 hidden: int, inter: int, names: tuple[str, str], stats: CalibrationStats | None):
         super().__init__()
         self.gate_up, self.down, self.names, self.stats = gate_up, down, names, stats
-        self.num_experts = gate_up.shape[0]
+        self.num_experts, self.hidden, self.inter = num_experts, hidden, inter
+
+    @classmethod
+    def from_stacks(cls, gate_up: torch.Tensor, down: torch.Tensor, names: tuple[str, str],
+                    stats: CalibrationStats | None) -> CalibExperts:
+        E, two_i, H = gate_up.shape
+        return cls(lambda e: gate_up[e].float(), lambda e: down[e].float(), E, H, two_i // 2, names, stats)
+
+    @classmethod
+    def from_module(cls, m: NVFP4Experts, names: tuple[str, str]) -> CalibExperts:
+        return cls(lambda e: m.expert_weight("gate_up_proj", e), lambda e: m.expert_weight("down_proj", e),
+                   m.num_experts, m.hidden_size, m.intermediate_size, names, None)
 
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         T, k = idx.shape
-        E, I = self.num_experts, self.down.shape[-1]
-        sorted_e, perm = torch.sort(idx.reshape(-1))
-        xs = x[perm // k].float()
-        counts = torch.bincount(sorted_e, minlength=E).tolist()
-        ys = torch.empty(xs.shape[0], x.shape[-1], dtype=torch.float32)
-        st_gu = self.stats.get(self.names[0], self.gate_up.shape[-1], E) if self.stats is not None else None
+        E, I = self.num_experts, self.inter
+        flat = idx.reshape(-1)
+        order = torch.argsort(flat, stable=True)
+        tok = order // k  # token of each pair, grouped by expert
+        wts = w.reshape(-1)[order].float()
+        counts = torch.bincount(flat, minlength=E).tolist()
+        out = torch.zeros(T, self.hidden, dtype=torch.float32)
+        st_gu = self.stats.get(self.names[0], self.hidden, E) if self.stats is not None else None
         st_dn = self.stats.get(self.names[1], I, E) if self.stats is not None else None
         start = 0
         for e, c in enumerate(counts):
             if c == 0:
                 continue
-            rows = slice(start, start + c)
-            xe = xs[rows]
+            t_e = tok[start:start + c]
+            xe = x[t_e].float()
             if st_gu is not None:
                 st_gu.observe(xe, e)
-            gu = xe @ self.gate_up[e].float().t()
+            gu = xe @ self.gate_up(e).t()
             a = gelu_tanh(gu[:, :I]) * gu[:, I:]
             if st_dn is not None:
                 st_dn.observe(a, e)
-            ys[rows] = a @ self.down[e].float().t()
+            out.index_add_(0, t_e, (a @ self.down(e).t()) * wts[start:start + c, None])
             start += c
-        ys = ys * w.reshape(-1)[perm, None].float()
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(perm.numel())
-        return ys[inv].view(T, k, -1).sum(dim=1)
+        return out
 
 
 def _assign(module: nn.Module, name: str, value: torch.Tensor) -> None:
@@ -337,7 +349,8 @@ def build_layer(
     """Layer i from its HF tensors (`layer_tensors(cfg, i)` names plus the encoder's `layer_scalar`).
 
     `modules` maps HF module names (`...self_attn.q_proj`, `...experts`) to replacement modules (NVFP4Linear,
-    NVFP4Experts); every other linear becomes an `F32Linear` that records input statistics when `stats` is given."""
+    NVFP4Experts); every other linear becomes an `F32Linear` that records input statistics when `stats` is given.
+    An NVFP4Experts replacement runs through `CalibExperts` (its dequantized experts, one at a time)."""
     modules = dict(modules or {})
     with torch.device("meta"):
         layer = Layer(cfg, i)
@@ -358,9 +371,11 @@ def build_layer(
             continue
         _assign(layer, rel, tensors[spec.name])
     repl = modules.pop(exp_name, None)
+    names = (exp_name + ".gate_up_proj", exp_name + ".down_proj")
     if repl is None:
-        repl = CalibExperts(tensors[exp_name + ".gate_up_proj"], tensors[exp_name + ".down_proj"],
-                            (exp_name + ".gate_up_proj", exp_name + ".down_proj"), stats)
+        repl = CalibExperts.from_stacks(tensors[names[0]], tensors[names[1]], names, stats)
+    elif isinstance(repl, NVFP4Experts):
+        repl = CalibExperts.from_module(repl, names)  # the same dequantized weights, one expert at a time
     layer.experts = repl
     layer._buffers["encoder_layer_scalar"] = tensors[f"{ENC}.layers.{i}.layer_scalar"]
     if modules:

@@ -337,8 +337,10 @@ class LayerQuantizer:
                 out.append(mse_quantize(w, imp, weight_scale_2=ws2, name=n))
         return out
 
-    def quantize_layer(self, i: int, tensors: dict[str, torch.Tensor], stats: CalibrationStats) -> dict[str, _QLinear]:
-        """HF module name (dense) or expert-stack tensor name -> quantized tensor + input scale."""
+    def quantize_layer(self, i: int, tensors: dict[str, torch.Tensor], stats: CalibrationStats,
+                       release: bool = False) -> dict[str, _QLinear]:
+        """HF module name (dense) or expert-stack tensor name -> quantized tensor + input scale.
+        `release`: drop each source tensor from `tensors` once quantized (bounds the peak memory)."""
         cfg, fmts = self.cfg, self.fmts
         pre = f"{DEC}.layers.{i}."
         groups: list[list[str]] = []
@@ -362,6 +364,9 @@ class LayerQuantizer:
             inp = input_scale_from_amax(amax).reshape(())
             for m, q in zip(mods, qs):
                 out[m] = _QLinear(q, inp)
+            if release:
+                for n in g:
+                    tensors.pop(n)
         return out
 
     def runtime_modules(self, i: int, qs: dict[str, _QLinear], tensors: dict[str, torch.Tensor]) -> dict:
@@ -467,9 +472,12 @@ def _sources(files: CheckpointFiles, cfg: DGConfig, src: Path) -> dict[str, str]
     return out
 
 
-def _check_finite(name: str, t: torch.Tensor) -> None:
-    if not bool(torch.isfinite(t).all()):
-        raise CheckpointError(f"source tensor {name!r} contains NaN or Inf values; refusing to convert")
+def _check_finite(name: str, t: torch.Tensor, chunk: int = 1 << 24) -> None:
+    """In pieces: a full-size bool mask of a 1 GB expert stack would be a 0.5 GB temporary."""
+    flat = t.reshape(-1)
+    for i in range(0, flat.numel(), chunk):
+        if not bool(torch.isfinite(flat[i:i + chunk]).all()):
+            raise CheckpointError(f"source tensor {name!r} contains NaN or Inf values; refusing to convert")
 
 
 def _copy_raw(reader: RawReader, writer: ShardWriter, src_name: str, out_name: str) -> None:
@@ -588,7 +596,7 @@ def convert_nvfp4(src: str | Path, dst: str | Path, options: ConvertOptions = Co
                 _check_finite(sources[n], t)
                 tensors[n] = t
             calib.collect(i, tensors)
-            qs = quantizer.quantize_layer(i, tensors, calib.stats)
+            qs = quantizer.quantize_layer(i, tensors, calib.stats, release=True)
             qlayer = build_layer(cfg, i, tensors, None, quantizer.runtime_modules(i, qs, tensors))
             err = calib.advance(i, qlayer)
             del qlayer

@@ -19,7 +19,7 @@ class RunOptions:
     system: str | None
     think: bool
     show_thoughts: bool
-    chat: bool
+    chat: bool | None
     max_new_tokens: int | None
     steps: int | None
     t_min: float | None
@@ -64,7 +64,8 @@ def run(o: RunOptions, out=None) -> dict:
     )
     SamplerSettings.resolve(dg.config.generation, **sampler)  # validate before any work
     tok = dg.tokenizer
-    if o.chat:
+    chat = o.chat if o.chat is not None else tok.chat_template is not None
+    if chat:
         msgs = ([{"role": "system", "content": o.system}] if o.system else []) + [{"role": "user", "content": o.prompt}]
         ids = encode_chat(tok, msgs, enable_thinking=o.think)
     else:
@@ -173,8 +174,9 @@ verdict for --vram. --model may then also be a GGUF file, or a directory with on
 @click.option("--system", default=None, help="System prompt.")
 @click.option("--think/--no-think", default=False, show_default=True, help="Ask the model to think first.")
 @click.option("--show-thoughts", is_flag=True, help="Also print the thought channel.")
-@click.option("--chat/--raw", default=True, show_default=True,
-              help="Format the prompt with the chat template, or feed it as raw text.")
+@click.option("--chat/--raw", default=None,
+              help="Format the prompt with the chat template, or feed it as raw text. Default: chat when the "
+                   "checkpoint ships a chat template (--chat without one uses the built-in Gemma 4 format).")
 @click.option("--max-new-tokens", type=int, default=None, help="Tokens to generate, rounded up to whole canvases.")
 @click.option("--steps", type=int, default=None, help="Max denoising steps per canvas.")
 @click.option("--t-min", type=float, default=None, help="Temperature at the last step.")

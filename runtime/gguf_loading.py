@@ -368,11 +368,17 @@ class GGUFDGModel(DGModel):
             return self.embed_tokens.lookup(ids, self.dtype) * self._scale().to(ids.device)
         return super().embed(ids)
 
-    def soft_embedding(self, sc_logits: torch.Tensor) -> torch.Tensor:
-        if isinstance(self.embed_tokens, GGUFEmbedding):
-            p = sc_logits.softmax(dim=-1, dtype=torch.float32).to(self.dtype)
-            return self.embed_tokens.matmul(p) * self._scale().to(p.device)
-        return super().soft_embedding(sc_logits)
+    def soft_embedding(self, sc_logits: torch.Tensor, top_k: int | None = None) -> torch.Tensor:
+        if not isinstance(self.embed_tokens, GGUFEmbedding):
+            return super().soft_embedding(sc_logits, top_k)
+        if top_k is not None and top_k < sc_logits.shape[-1]:
+            # as DGModel: the k most likely tokens per position, renormalized; only their rows are decoded
+            vals, idx = sc_logits.float().topk(top_k, dim=-1)  # [B, C, k]
+            p = torch.softmax(vals, dim=-1).to(self.dtype)
+            soft = torch.einsum("bck,bckh->bch", p, self.embed_tokens.lookup(idx, self.dtype))
+            return soft * self._scale().to(p.device)
+        p = sc_logits.softmax(dim=-1, dtype=torch.float32).to(self.dtype)
+        return self.embed_tokens.matmul(p) * self._scale().to(p.device)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         if isinstance(self.embed_tokens, GGUFEmbedding):

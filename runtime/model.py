@@ -142,6 +142,9 @@ class Attention(nn.Module):
             lk.v[:, :, positions] = v
             n = int(positions[-1]) + 1
             keys, vals = lk.k[:, :, :n], lk.v[:, :, :n]
+            if torch.is_grad_enabled() and k.requires_grad:
+                # training: autograd keeps these for backward, and a later decode writes into the cache in place
+                keys, vals = keys.clone(), vals.clone()
             kpos = torch.cat([cache.full_pos[: cache.length], positions])
             kval = torch.cat([cache.full_valid[:, : cache.length], valid], dim=1)
         S = kpos.numel()

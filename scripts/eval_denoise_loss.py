@@ -103,7 +103,10 @@ def denoising_loss(
             model.encode(windows[s:e, :prefix_len], cache)
             logits = model.decode(noisy[s:e].to(model.device), cache)  # [b, C, V] fp32
             ce = F.cross_entropy(logits.reshape(-1, V), clean[s:e].reshape(-1).to(model.device), reduction="none")
-            sel = mask[s:e].reshape(-1).to(model.device) if positions == "noised" else torch.ones_like(ce, dtype=torch.bool)
+            if positions == "noised":
+                sel = mask[s:e].reshape(-1).to(model.device)
+            else:
+                sel = torch.ones_like(ce, dtype=torch.bool)
             total += float(ce[sel].sum())
             count += int(sel.sum())
         out[float(t)] = total / max(count, 1)

@@ -72,7 +72,8 @@ def read_text(f: Path) -> str | None:
     """A source file as text with '\\n' line ends, or None when it is not UTF-8 (a handful of stdlib files)."""
     try:
         return f.read_text(encoding="utf-8").replace("\r\n", "\n")
-    except (UnicodeDecodeError, OSError):
+    except (UnicodeDecodeError, OSError) as e:
+        log.info("skipping %s: %s", f, e)
         return None
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import logging
 import math
 import os
 import shutil
@@ -58,9 +57,6 @@ from dgemma.runtime.hf_names import checkpoint_tensors, is_vision
 from dgemma.runtime.loading import runtime_name
 from dgemma.runtime.model import DGModel, count_parameters
 from dgemma.runtime.tokenizer import Tokenizer
-
-log = logging.getLogger("dgemma.train_tiny")
-
 
 def _load_sibling(name: str):
     """Import scripts/<name>.py once (scripts are not a package)."""
@@ -98,7 +94,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 STATE_FILE = "train_state.pt"
-TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
+# no chat template: this is a base code model, and dgemma-run feeds prompts raw when a checkpoint has none
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
 
 
 # --- model ------------------------------------------------------------------------------------------------------
@@ -395,10 +392,10 @@ def _run(a: argparse.Namespace, tqdm: Any) -> int:
     def snapshot() -> dict[str, Any]:
         return {"step": step, "model": model.state_dict(), "optim": opt.state_dict(), "preset": preset,
                 "preset_name": state["preset_name"] if state is not None else a.preset, "elapsed_s": elapsed,
-                "history": history, "args": {k: str(v) for k, v in vars(a).items()}}
+                "history": history, "train_ema": ema, "args": {k: str(v) for k, v in vars(a).items()}}
 
     log_f = open(work / "train_log.jsonl", "a", encoding="utf-8")
-    ema: float | None = None
+    ema: float | None = state.get("train_ema") if state is not None else None
     held_loss = float("nan")
     stopped = False
     bar = tqdm(total=a.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, mininterval=2.0)
@@ -464,5 +461,4 @@ def _card(a: argparse.Namespace) -> dict[str, str]:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
     sys.exit(main())

@@ -136,3 +136,18 @@ def test_sc_top_k_approximation(tiny_checkpoint):
     rel = ((approx - exact).norm() / exact.norm()).item()
     print(f"top-64 SC soft embedding relative error {rel:.3e}")
     assert rel < 0.05
+
+
+def test_backward_through_encode_and_decode(tiny_checkpoint):
+    """The trainer differentiates through the encoder's cache writes and the decoder's scratch writes."""
+    m = load_model(tiny_checkpoint("tiny-a"))
+    for p in m.parameters():
+        p.requires_grad_(True)
+    cfg = m.cfg
+    ids = torch.randint(0, cfg.vocab_size, (2, 5))
+    canvas = torch.randint(0, cfg.vocab_size, (2, cfg.canvas_length))
+    cache = m.new_cache(2, 5)
+    m.encode(ids, cache)
+    m.decode(canvas, cache).logsumexp(-1).mean().backward()
+    q = m.layers[1].self_attn.q_proj.weight.grad
+    assert q is not None and torch.isfinite(q).all() and q.abs().sum() > 0

@@ -40,9 +40,11 @@ def _script(name: str):
 
 
 @pytest.fixture(scope="module")
-def trained() -> DGModel:
-    torch.set_num_threads(1)  # small shapes: one thread is faster and deterministic
-    return load_model(MODEL_DIR, dtype=torch.float32)
+def trained():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # small shapes: one thread is faster (and the generations below were checked so)
+    yield load_model(MODEL_DIR, dtype=torch.float32)
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +74,9 @@ def test_shipped_checkpoint_shape(trained, tok):
     assert tok.vocab_size == cfg.vocab_size
     for name, i in SPECIAL_TOKEN_IDS.items():
         assert tok.token_to_id(name) == i, name
-    assert (MODEL_DIR / "README.md").is_file() and (MODEL_DIR / "chat_template.jinja").is_file()
+    assert (MODEL_DIR / "README.md").is_file()
+    # a base code model: no chat template, so dgemma-run feeds prompts raw by default
+    assert not (MODEL_DIR / "chat_template.jinja").is_file()
     # the encoder's layer scalars are learned separately from the decoder's
     enc = torch.cat([layer.encoder_layer_scalar for layer in trained.layers])
     dec = torch.cat([layer.layer_scalar for layer in trained.layers])
@@ -130,13 +134,20 @@ def _continue_def(model: DGModel, tok: Tokenizer, seed: int) -> str:
 
 
 def test_generation_writes_a_function_header(trained, untrained, tok):
-    text = _continue_def(trained, tok, seed=0)
-    base = _continue_def(untrained, tok, seed=0)
-    print(f"trained:   {text!r}\nuntrained: {base!r}")
-    printable = sum(ch.isprintable() or ch in "\n\t" for ch in text) / max(len(text), 1)
+    # several seeds: the check counts headers instead of betting on one sampled continuation
+    seeds = range(6)
+    texts = [_continue_def(trained, tok, s) for s in seeds]
+    base = [_continue_def(untrained, tok, s) for s in seeds]
+    for t, b in zip(texts, base):
+        print(f"trained:   {t!r}\nuntrained: {b!r}")
+    hits, base_hits = sum(bool(HEADER.match(t)) for t in texts), sum(bool(HEADER.match(b)) for b in base)
+    print(f"function headers: trained {hits}/{len(texts)}, untrained {base_hits}/{len(base)}")
+    joined = "".join(texts)
+    printable = sum((ch.isprintable() and ch != "\ufffd") or ch in "\n\t" for ch in joined) / max(len(joined), 1)
+    print(f"printable share of the trained output: {printable:.3f}")
     assert printable >= 0.95
-    assert HEADER.match(text), text
-    assert not HEADER.match(base), base
+    assert hits >= len(texts) // 2
+    assert base_hits == 0
 
 
 def _train(tmp: Path, *extra: str) -> int:
