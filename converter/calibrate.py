@@ -406,7 +406,7 @@ class _Chunk:
     dec_lens: list[int]
     enc_pos: torch.Tensor  # [Tenc]
     dec_pos: torch.Tensor  # [Tdec]
-    enc: torch.Tensor | None = None  # [Tenc, H] fp32 state
+    enc: torch.Tensor | None = None  # [Tenc, H] hidden states (CalibOptions.state_dtype)
     dec: torch.Tensor | None = None  # [Tdec, H]
     enc_ref: torch.Tensor | None = None
     dec_ref: torch.Tensor | None = None
@@ -415,7 +415,7 @@ class _Chunk:
 @dataclass(frozen=True)
 class CalibOptions:
     max_prompt_tokens: int = 256
-    chunk_tokens: int = 2048  # tokens per forward (bounds the activation temporaries)
+    chunk_tokens: int = 4096  # tokens per forward (bounds the activation temporaries)
     seed: int = 0
     sc_every: int = 2  # every sc_every-th sample gets self-conditioning input (1 = all)
     sc_alternatives: int = 2

@@ -83,7 +83,7 @@ class ConvertOptions:
     shard_bytes: int = 5_000_000_000
     progress: bool = True
     max_prompt_tokens: int = 256
-    chunk_tokens: int = 2048
+    chunk_tokens: int = 4096
 
     def __post_init__(self) -> None:
         check_preset(self.preset)

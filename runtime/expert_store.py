@@ -325,7 +325,9 @@ class OffloadedExperts(nn.Module):
         i = 0
         while i < len(misses):
             want = misses[i : i + b]
-            avail = [s for s in range(S) if sim[s] < 0 or (sim[s] not in protected and (sim[s] in done or sim[s] not in needed_set))]
+            # free to overwrite: empty, or holding an unprotected expert that is done or not needed this call
+            avail = [s for s in range(S)
+                     if sim[s] < 0 or (sim[s] not in protected and (sim[s] in done or sim[s] not in needed_set))]
             first = sorted((s for s in avail if s not in prev), key=victim_key)
             rest = sorted((s for s in avail if s in prev), key=victim_key)
             victims = (first + rest)[: len(want)]

@@ -92,15 +92,16 @@ def _sources(cfg: DGConfig, files: CheckpointFiles, path: Path) -> dict[str, str
     for name, src in sources.items():
         info = files.tensors[src]
         if info.shape != expected[name].shape:
-            raise CheckpointError(
-                f"{info.file.name}: tensor {info.name!r} has shape {list(info.shape)}, expected {list(expected[name].shape)}"
-            )
+            raise CheckpointError(f"{info.file.name}: tensor {info.name!r} has shape {list(info.shape)}, "
+                                  f"expected {list(expected[name].shape)}")
         if info.dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{info.file.name}: tensor {info.name!r} has dtype {info.dtype}, expected one of {FLOAT_DTYPES}")
+            raise CheckpointError(f"{info.file.name}: tensor {info.name!r} has dtype {info.dtype}, "
+                                  f"expected one of {FLOAT_DTYPES}")
     return sources
 
 
-def _materialize(t: torch.Tensor, device: torch.device, dtype: torch.dtype, check_finite: bool, where: str) -> torch.Tensor:
+def _materialize(t: torch.Tensor, device: torch.device, dtype: torch.dtype, check_finite: bool,
+                 where: str) -> torch.Tensor:
     if check_finite and not bool(torch.isfinite(t).all()):
         raise CheckpointError(f"{where} contains NaN or Inf values")
     if t.device == device and t.dtype == dtype:

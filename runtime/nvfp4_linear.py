@@ -27,7 +27,6 @@ from torch import nn
 
 from ..kernels import dispatch as _kd
 from ..kernels.fused_moe import NVFP4Experts as _KernelExperts
-from ..kernels.nvfp4_gemm import dequantize_nvfp4
 from .errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -55,6 +54,35 @@ def _check_global(name: str, g: torch.Tensor, shapes: tuple[tuple[int, ...], ...
     if g.device.type != "meta" and not bool((torch.isfinite(g) & (g > 0)).all()):
         raise CheckpointError(f"{name}: global scales must be finite and positive")
     return g
+
+
+_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+_BYTE_LUT: dict[torch.device, torch.Tensor] = {}
+
+
+def _byte_lut(device: torch.device) -> torch.Tensor:
+    """[256, 2] fp32: a packed byte -> (value of its low nibble, value of its high nibble)."""
+    lut = _BYTE_LUT.get(device)
+    if lut is None:
+        v = torch.tensor(_E2M1, dtype=torch.float32)
+        lut = _BYTE_LUT[device] = torch.stack([v.repeat(16), v.repeat_interleave(16)], dim=-1).to(device)
+    return lut
+
+
+def dequantize_packed(weight: torch.Tensor, weight_scale: torch.Tensor, weight_scale_2: torch.Tensor | None = None,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[..., N, K/2] packed + [..., N, K/16] e4m3 (+ global) -> [..., N, K]: (e2m1 * scale) * global in fp32.
+
+    Bit-identical to `kernels.nvfp4_gemm.dequantize_nvfp4` (same products in the same order; e2m1 * scale is exact)
+    but one byte-indexed lookup instead of unpacking nibbles to int64 codes: about 4x faster on CPU, which is
+    what per-expert dequantization in the torch paths (runtime loop, calibration) spends its time on."""
+    lead, half = weight.shape[:-1], weight.shape[-1]
+    vals = _byte_lut(weight.device)[weight.long()].view(*lead, half * 2 // BLOCK, BLOCK)
+    out = (vals * weight_scale.float().unsqueeze(-1)).view(*lead, half * 2)
+    if weight_scale_2 is not None:
+        g = weight_scale_2.float()
+        out = out * (g.reshape(()) if g.numel() == 1 else g.reshape(*g.shape, 1, 1))
+    return out.to(dtype)
 
 
 class _PackedModule(nn.Module):
@@ -96,7 +124,7 @@ class NVFP4Linear(_PackedModule):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The dense weight [N, K] (the whole matrix: for tests and tools, not for inference)."""
-        return dequantize_nvfp4(self.weight, self.weight_scale, self.weight_scale_2, dtype=dtype)
+        return dequantize_packed(self.weight, self.weight_scale, self.weight_scale_2, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _kd.nvfp4_linear(x, self.weight, self.weight_scale, self.weight_scale_2)
@@ -164,8 +192,8 @@ class NVFP4Experts(_PackedModule):
             return getattr(self, proj)[e].to(dtype)
         w, s, g = getattr(self, proj)[e], getattr(self, f"{proj}_scale")[e], getattr(self, f"{proj}_scale_2")[e]
         if g.dim() == 0:
-            return dequantize_nvfp4(w, s, g, dtype=dtype)
-        d = dequantize_nvfp4(w, s, None)  # [2I, H] block-scaled only
+            return dequantize_packed(w, s, g, dtype=dtype)
+        d = dequantize_packed(w, s, None)  # [2I, H] block-scaled only
         half = d.shape[0] // 2
         d[:half] *= g[0]
         d[half:] *= g[1]
@@ -184,10 +212,14 @@ class NVFP4Experts(_PackedModule):
 
     # ---- forward -------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        """x [T, H], idx/w [T, k] (w includes the per-expert scale) -> [T, H] in x's dtype."""
-        kx = self._kernel_experts()
-        if kx is not None:
-            return _kd.fused_moe(x, w, idx, kx)
+        """x [T, H], idx/w [T, k] (w includes the per-expert scale) -> [T, H] in x's dtype.
+
+        CUDA with both stacks packed: the fused Triton MoE kernel (`kernels.dispatch.fused_moe`). Elsewhere the
+        torch loop below (tested against the kernels' own twin `fused_moe_torch`, but with the faster dequant)."""
+        if x.is_cuda:
+            kx = self._kernel_experts()
+            if kx is not None:
+                return _kd.fused_moe(x, w, idx, kx)
         return self.forward_loop(x, idx, w)
 
     def forward_loop(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

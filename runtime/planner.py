@@ -239,7 +239,8 @@ def weights_from_checkpoint(path: Path, dtype: torch.dtype | None) -> tuple[DGCo
     if kind == "hf":
         expected = checkpoint_tensors(cfg)
         first = expected[0].name
-        info = files.tensors.get(first) or files.tensors.get("model.encoder.language_model" + first[len("model.decoder"):])
+        enc = "model.encoder.language_model" + first[len("model.decoder"):]
+        info = files.tensors.get(first) or files.tensors.get(enc)
         file_dtype = info.torch_dtype if info is not None else torch.bfloat16
         dt = dtype or file_dtype  # load_model keeps the embedding's dtype when no dtype is asked for
         b = _dtype_bytes(dt)
@@ -252,7 +253,8 @@ def weights_from_checkpoint(path: Path, dtype: torch.dtype | None) -> tuple[DGCo
     a = _dtype_bytes(dtype) if dtype is not None else None
     kv_scale = re.compile(r"\.(k_scale|v_scale|q_scale|prob_scale)$")
     # per-expert linears are re-fused at load: gate and up share one global pair per expert
-    up_global = re.compile(r"\.experts\.\d+\.up_proj\.(weight_scale_2|input_scale|weight_global_scale|input_global_scale)$")
+    up_global = re.compile(
+        r"\.experts\.\d+\.up_proj\.(weight_scale_2|input_scale|weight_global_scale|input_global_scale)$")
     for n, info in files.tensors.items():
         if is_vision(n) or n == "lm_head.weight" or kv_scale.search(n) or up_global.search(n):
             continue
@@ -262,7 +264,8 @@ def weights_from_checkpoint(path: Path, dtype: torch.dtype | None) -> tuple[DGCo
         c, layer = component_of(n)
         nb = info.nbytes
         label = info.dtype.lower()
-        if info.dtype in ("BF16", "F16", "F32") and a is not None and not re.search(r"(scale|scale_2|global_scale)$", n):
+        is_scale = re.search(r"(scale|scale_2|global_scale)$", n) is not None
+        if info.dtype in ("BF16", "F16", "F32") and a is not None and not is_scale:
             nb = math.prod(info.shape) * a
             label = _dtype_label(dtype)  # type: ignore[arg-type]
         if info.dtype == "U8":
@@ -466,7 +469,8 @@ def _layer_activation_bytes(cfg: DGConfig, tokens: int, batch: int, a: int) -> i
     residual/normed states, q/k/v/attention output, dense MLP, router probabilities and the MoE pair buffers
     (sorted inputs, gate/up, activation, expert outputs, weighted and unsorted copies)."""
     T = tokens * batch
-    H, I, Ie, K, E = cfg.hidden_size, cfg.intermediate_size, cfg.moe_intermediate_size, cfg.top_k_experts, cfg.num_experts
+    H, I, Ie = cfg.hidden_size, cfg.intermediate_size, cfg.moe_intermediate_size
+    K, E = cfg.top_k_experts, cfg.num_experts
     g = max(cfg.layers, key=lambda g: cfg.num_attention_heads * g.head_dim + 2 * g.num_kv_heads * g.head_dim)
     attn = cfg.num_attention_heads * g.head_dim * 2 + 2 * g.num_kv_heads * g.head_dim
     P = T * K
@@ -547,7 +551,8 @@ def build_plan(
     dec_counted = decode >= prefill
     rows += [
         PlanRow("scratch", f"decode: logits + SC logits [{batch}x{C}x{V}]", vocab,
-                f"{logit_b:g} B/logit: fp32 logits + 2 SC copies", dec_counted),
+                f"{logit_b:g} B/logit" + (": fp32 logits + old/new SC logits" if vocab_bytes_per_logit is None
+                                          else " (as given)"), dec_counted),
         PlanRow("scratch", "decode: attention temporaries", attn_dec,
                 f"K/V repeated to {cfg.num_attention_heads} heads where head_dim > {GQA_BROADCAST_MAX_HEAD_DIM}",
                 dec_counted),
@@ -618,8 +623,10 @@ def plan(
     """Plan the device memory of a run. `model_or_config`: a `DGConfig`, a loaded `DGModel`, a checkpoint
     directory, a `.gguf` file, or a directory with only config.json (then `fmt` is required). `fmt`: a format
     name (`format_names()`) to plan a conversion; None plans what is stored / loaded. `vram_budget`: bytes (int),
-    or a size string ("16GiB", "16GB") or a float number of GiB (`parse_size`). `dtype`: compute and KV dtype (default bfloat16; a loaded model
-    uses its own). `device`: 'cuda' (default: adds the CUDA context allowance) or 'cpu'."""
+    or a size string ("16GiB", "16GB") or a float number of GiB (`parse_size`). `dtype`: compute and KV dtype
+    (default bfloat16; a loaded model uses its own). `device`: 'cuda' (default: adds the CUDA context allowance)
+    or 'cpu'. `prefill_chunk`, `vocab_bytes_per_logit`, `cuda_context_bytes`: the scratch assumptions (module
+    docstring); `prefill_chunk=None` plans the whole prompt in one encoder pass."""
     from .model import DGModel
 
     if vram_budget is None or (isinstance(vram_budget, int) and not isinstance(vram_budget, bool)):

@@ -194,6 +194,67 @@ def test_kl_table(sources, ggufs) -> None:
     assert med["nvfp4"] < med["q4_k_m"] and med["mxfp4_moe"] < med["q4_k_m"]
 
 
+TINY_CODE = Path(__file__).resolve().parents[1] / "models" / "dgemma-tiny-code"
+# held-out denoising loss (nats/token) may rise at most this much over the float32 source; KL bounds ~3x the
+# measured means (0.00009 / 0.00013 / 0.0008 / 0.0010 / 0.0017 / 0.0009 on 64 windows x 4 noise levels)
+CODE_BOUNDS = {"bf16": (0.002, 0.0005), "q8_0": (0.005, 0.0005), "q6_k": (0.005, 0.0005), "q5_k_m": (0.01, 0.003),
+               "q4_k_m": (0.01, 0.004), "mxfp4_moe": (0.02, 0.006), "nvfp4": (0.01, 0.004)}
+
+
+@pytest.mark.skipif(not (TINY_CODE / "model.safetensors").is_file(), reason="bundled tiny code model not present")
+def test_trained_tiny_model_fidelity_table(tmp_path) -> None:
+    """The bundled trained model (float32) on held-out stdlib code: denoising loss and KL vs the source per
+    GGUF type, plus the SentencePiece tokenizer rebuilt from the GGUF metadata."""
+    from conftest import _load_script
+
+    ev = _load_script("eval_denoise_loss")
+    ref = load_model(TINY_CODE, dtype=torch.float32)
+    tok = Tokenizer.from_pretrained(TINY_CODE)
+    stream = ev.heldout_stream(tok, ref.cfg, max_files=4)
+    rng = np.random.default_rng(0)
+    P, C, V = 33, ref.cfg.canvas_length, ref.cfg.vocab_size
+    win = ev.corpus.cut_windows(stream, rng.choice(stream.starts, size=24, replace=False), P, C)
+    inputs = []
+    for li, t in enumerate((0.5, 1.0)):
+        clean = win[:, P:]
+        noisy, _ = ev.corpus.corrupt(clean, torch.full((24,), t), V, torch.Generator().manual_seed(li), exact=True)
+        inputs.append((noisy, clean))
+
+    def run(m: DGModel) -> list[torch.Tensor]:
+        out = []
+        with torch.inference_mode():
+            for noisy, _ in inputs:
+                cache = m.new_cache(24, P)
+                m.encode(win[:, :P], cache)
+                out.append(m.decode(noisy, cache))
+        return out
+
+    def loss(ls: list[torch.Tensor]) -> float:
+        return float(np.mean([F.cross_entropy(lg.reshape(-1, V), c.reshape(-1)).item() for lg, (_, c) in zip(ls, inputs)]))
+
+    lr = run(ref)
+    base = loss(lr)
+    rows = {}
+    for mix in CODE_BOUNDS:
+        path = tmp_path / f"code-{mix}.gguf"
+        res = export_gguf(GGUFExportOptions(TINY_CODE, path, mix))
+        model, gtok = load_gguf(path, dtype=torch.float32)
+        lq = run(model)
+        kl = torch.cat([_kl_per_pos(a, b).flatten() for a, b in zip(lr, lq)])
+        rows[mix] = (loss(lq) - base, float(kl.mean()), float(kl.median()), res.file_bytes / 1e6)
+        if mix == "q8_0":  # the SentencePiece vocabulary survives the trip through gemma4 BPE metadata
+            text = ev.corpus.read_text(ev.corpus.list_files()[1][0]) or ""
+            assert gtok.encode(text[:20000]) == tok.encode(text[:20000])
+    print(f"\ndgemma-tiny-code (float32 source, held-out loss {base:.4f} nats/token, 24 windows x t in (0.5, 1))")
+    print("GGUF type    d loss     KL mean    KL median   MB")
+    for mix, (dl, mean, med, mb) in rows.items():
+        print(f"{mix:<12} {dl:>+8.4f}  {mean:>8.5f}  {med:>10.2e}  {mb:5.2f}")
+    for mix, (dl, mean, _, _) in rows.items():
+        assert dl <= CODE_BOUNDS[mix][0] and mean <= CODE_BOUNDS[mix][1], (mix, rows[mix])
+    med = {m: r[2] for m, r in rows.items()}
+    assert med["bf16"] < med["q8_0"] < med["q5_k_m"] and med["q6_k"] < med["q4_k_m"]
+
+
 # ---- modules vs dense twins ---------------------------------------------------------------------------------
 
 MODULE_TYPES = [QT.Q8_0, QT.Q5_0, QT.Q5_1, QT.Q4_K, QT.Q5_K, QT.Q6_K, QT.MXFP4, QT.NVFP4, QT.BF16, QT.Q4_0]

@@ -21,7 +21,8 @@ from dgemma.runtime.config import DGConfig
 from dgemma.runtime.errors import CheckpointError, ConfigError
 from dgemma.runtime.loading import load_model
 from dgemma.runtime.model import Experts
-from dgemma.runtime.nvfp4_linear import NVFP4Experts, NVFP4Linear, packed_nbytes
+from dgemma.kernels.nvfp4_gemm import dequantize_nvfp4
+from dgemma.runtime.nvfp4_linear import NVFP4Experts, NVFP4Linear, dequantize_packed, packed_nbytes
 from dgemma.runtime.nvfp4_loading import load_nvfp4_model, quantized_modules, read_quant_format
 
 FAST = dict(calib_samples=4, max_prompt_tokens=32, progress=False)
@@ -121,8 +122,10 @@ def _routing(T, E, k, seed=1):
     return idx, w
 
 
-@pytest.mark.parametrize("mode", ["kernel", "loop", "mixed", "split_global"])
+@pytest.mark.parametrize("mode", ["twin", "module", "mixed", "split_global"])
 def test_nvfp4_experts_match_dense_experts(mode):
+    """twin: the kernels' torch twin on the module's packed view; module: the module's own CPU path; mixed: packed
+    gate_up with a float down stack; split_global: gate and up with different globals (another tool's file)."""
     E, H, I, T, k = 5, 48, 32, 17, 2
     gu, dn = _experts_pair(E, H, I)
     qgu, qdn = quantize(gu), quantize(dn)
@@ -133,7 +136,7 @@ def test_nvfp4_experts_match_dense_experts(mode):
     else:
         m.set_packed("down_proj", qdn.weight, qdn.weight_scale, qdn.weight_scale_2)
     gu_ref = dequantize(qgu)
-    if mode == "split_global":  # another tool gave gate and up different globals: rows scale independently
+    if mode == "split_global":
         g2 = torch.stack([qgu.weight_scale_2, qgu.weight_scale_2 * 2], dim=1)
         m.set_packed("gate_up_proj", qgu.weight, qgu.weight_scale, g2)
         gu_ref = gu_ref.clone()
@@ -141,19 +144,23 @@ def test_nvfp4_experts_match_dense_experts(mode):
     dense = Experts.__new__(Experts)
     torch.nn.Module.__init__(dense)
     dense.num_experts = E
-    dense.gate_up_proj = torch.nn.Parameter(gu_ref)
-    dense.down_proj = torch.nn.Parameter(dn if mode == "mixed" else dequantize(qdn))
+    dense.gate_up_proj = torch.nn.Parameter(gu_ref, requires_grad=False)
+    dense.down_proj = torch.nn.Parameter(dn if mode == "mixed" else dequantize(qdn), requires_grad=False)
     x = torch.randn(T, H)
     idx, w = _routing(T, E, k)
     ref = dense(x, idx, w)
-    out = m(x, idx, w) if mode != "loop" else m.forward_loop(x, idx, w)
-    assert (m._kernel_experts() is not None) == (mode in ("kernel", "loop"))
-    err = float((out - ref).detach().abs().max() / ref.detach().abs().max())
+    assert (m._kernel_experts() is not None) == (mode in ("twin", "module"))
+    out = fused_moe_torch(x, w, idx, m._kernel_experts()) if mode == "twin" else m(x, idx, w)
+    err = float((out - ref).abs().max() / ref.abs().max())
     print(f"NVFP4Experts[{mode}] vs Experts on dequantized weights: max rel err {err:.2e}")
     assert err < 1e-5
-    if mode == "loop":  # the loop path equals the kernels' torch twin too
-        tw = fused_moe_torch(x, w, idx, m._kernel_experts())
-        assert float((out - tw).abs().max() / tw.abs().max()) < 1e-5
+
+
+def test_fast_dequant_is_bit_identical_to_the_kernels_reference():
+    q = _rand_q(3, 40, 64, seed=4)
+    for g in (q.weight_scale_2, None):
+        assert torch.equal(dequantize_packed(q.weight, q.weight_scale, g),
+                           dequantize_nvfp4(q.weight, q.weight_scale, g))
 
 
 def test_nvfp4_experts_stay_packed():

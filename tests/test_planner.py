@@ -82,7 +82,8 @@ def test_26b_q4_k_m_matches_tensor_list(real_cfg):
 
     from dgemma.converter.gguf_mix import mix_nbytes, tensor_types
 
-    f32 = sum(s.numel for s, t in tensor_types(real_cfg, "q4_k_m") if t == QT.F32 and s.gguf_name != "rope_freqs.weight")
+    f32 = sum(s.numel for s, t in tensor_types(real_cfg, "q4_k_m")
+              if t == QT.F32 and s.gguf_name != "rope_freqs.weight")
     rope = real_cfg.layers[real_cfg.full_layer_ids[0]].head_dim // 2
     expect = mix_nbytes(real_cfg, "q4_k_m") - 2 * f32 - 4 * rope
     assert plan(real_cfg, "q4_k_m").weight_bytes == expect

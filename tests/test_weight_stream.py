@@ -40,7 +40,8 @@ def _streamed_bytes(model) -> list[int]:
                 mod = layer.get_submodule(path)
             except AttributeError:
                 continue
-            n += sum(t.numel() * t.element_size() for t in [*mod.parameters(recurse=False), *mod.buffers(recurse=False)])
+            ts = [*mod.parameters(recurse=False), *mod.buffers(recurse=False)]
+            n += sum(t.numel() * t.element_size() for t in ts)
         out.append(n)
     return out
 
@@ -57,7 +58,8 @@ def test_streaming_identical_and_bounded(tiny_checkpoint):
     for layer in m.layers:
         layer.register_forward_pre_hook(lambda mod, args: resident_seen.append(len(ws.resident_layers())))
     assert ws.resident_layers() == []
-    assert all(p not in dict(m.named_parameters()) for p in ("layers.0.self_attn.q_proj.weight", "layers.0.mlp.up_proj.weight"))
+    names = dict(m.named_parameters())
+    assert "layers.0.self_attn.q_proj.weight" not in names and "layers.0.mlp.up_proj.weight" not in names
     out = _gen(m)
     assert torch.equal(out, ref)
     L = len(m.layers)
