@@ -50,7 +50,7 @@ from typing import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from ..runtime.config import DGConfig
@@ -226,7 +226,8 @@ class CalibrationStats:
             tensors[f"{name}.input_tokens"] = st.tokens.clone()
             if st.experts:
                 tensors[f"{name}.input_amax_per_expert"] = st.amax.clone()
-        save_file(tensors, str(path), metadata={"format": STATS_FORMAT, "version": "1", **self.meta})
+        # written as bytes like the other output files (safetensors' save_file created it with mode 0600)
+        Path(path).write_bytes(save(tensors, metadata={"format": STATS_FORMAT, "version": "1", **self.meta}))
 
     @classmethod
     def load(cls, path: str | Path) -> CalibrationStats:

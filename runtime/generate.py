@@ -192,7 +192,8 @@ def denoise_canvas(
         raw = model.decode(canvas, cache, sc_logits, sc_top_k=sc_top_k)  # [B, C, V] fp32, softcapped
         # the reference computes the temperature as fp32 tensor arithmetic on an int32 step counter
         step_t = torch.tensor(cur_step, dtype=torch.int32, device=dev)
-        processed = raw / (s.t_min + (s.t_max - s.t_min) * (step_t / N))
+        processed = raw.div_(s.t_min + (s.t_max - s.t_min) * (step_t / N))  # in place: raw is not needed again
+        del raw
         sample, ent = draw(processed, generator)
         new_argmax = torch.argmax(processed, dim=-1)
         # entropy-bound acceptance: the lowest-entropy tokens whose preceding entropies sum to <= bound
@@ -212,6 +213,7 @@ def denoise_canvas(
             finished = finished | stopper(new_argmax, ent)
         canvas, argmax = new_canvas, new_argmax
         sc_logits = processed.to(model.dtype)  # self-conditioning input of the next step
+        del processed  # (on GPUs a separate bf16 copy: the fp32 logits need not live through the next decode)
         if streamer is not None and hasattr(streamer, "put_draft"):
             streamer.put_draft(argmax.cpu())
         if bool(finished.all()):
@@ -256,13 +258,16 @@ def generate(
     cache: KVCache | None = None,
     sampling: str = "fast",
     sc_top_k: int | None = None,
+    prefill_chunk: int | None = 1024,
     **sampler_overrides: Any,
 ) -> GenerationResult:
     """Generate canvases after `input_ids`. Sampler parameters default to the checkpoint's generation_config.
     With `cache` (a session), `input_ids` are only the new tokens to commit after what the cache holds.
     `sampling`: "fast" (default) or "reference" (HF-identical random draws; see the module docstring).
     `sc_top_k`: approximate the self-conditioning soft embedding with each position's k likeliest tokens
-    (None, the default, is exact)."""
+    (None, the default, is exact).
+    `prefill_chunk`: long prompts are committed this many tokens at a time (bounded activation memory; the
+    reference encodes in one pass, so reference sampling does too)."""
     cfg = model.cfg
     if sampling not in SAMPLERS:
         raise GenerationError(f"sampling must be one of {sorted(SAMPLERS)}, got {sampling!r}")
@@ -309,7 +314,9 @@ def generate(
     to_commit, commit_valid = ids, mask
     for ci in range(n_canvases):
         t0 = time.perf_counter()
-        model.encode(to_commit, cache, commit_valid)
+        step = to_commit.shape[1] if sampling == "reference" or not prefill_chunk else prefill_chunk
+        for c0 in range(0, to_commit.shape[1], step):
+            model.encode(to_commit[:, c0 : c0 + step], cache, commit_valid[:, c0 : c0 + step])
         t1 = time.perf_counter()
         timings["encode_s"] += t1 - t0
         argmax, p, steps = denoise_canvas(model, cache, s, B, generator, streamer, ~finished_seq, sampling, sc_top_k)

@@ -365,7 +365,11 @@ class DGModel(nn.Module):
         """Tied head + softcap, fp32 [B, T, V]."""
         x = F.linear(h, self.embed_tokens.weight).float()
         cap = self.cfg.final_logit_softcapping
-        return torch.tanh(x / cap) * cap if cap else x
+        if not cap:
+            return x
+        if torch.is_grad_enabled():
+            return torch.tanh(x / cap) * cap
+        return x.div_(cap).tanh_().mul_(cap)  # in place: no second [B, T, V] fp32 temporary
 
     # ---- encoder ----------------------------------------------------------------------------------------
     # (no inference_mode here: the trainer differentiates through encode/decode; generation wraps them)

@@ -289,7 +289,8 @@ def weights_from_gguf(path: Path, dtype: torch.dtype) -> tuple[DGConfig, list[We
     cfg = DGConfig.from_dict(root, gen, source=f"{path} [metadata]")
     comp = _hf_components(cfg)
     by_name: dict[str, tuple[str, int | None, str]] = {}
-    for split in (False, True):
+    has_split = any(n.endswith(".ffn_gate_exps.weight") for n in f.tensors)  # the NVFP4 expert layout
+    for split in (False, True) if has_split else (False,):
         for s in gguf_tensor_plan(cfg, nvfp4_experts=split):
             if s.hf_sources:
                 c, layer = comp[s.hf_sources[0]]

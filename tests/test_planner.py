@@ -168,3 +168,19 @@ def test_cli_plan(tiny_checkpoint):
     assert r.exit_code == 2 and "ambiguous" in r.output
     r = CliRunner().invoke(main, ["--model", str(tiny_checkpoint("tiny-a"))])
     assert r.exit_code == 2 and "PROMPT" in r.output
+
+
+@pytest.mark.parametrize("mix", ["q8_0", "q4_k_m"])
+def test_gguf_plan_equals_loaded_model(tiny_checkpoint, tmp_path, mix):
+    """A GGUF file's plan (header only) equals the bytes `load_gguf` holds: blocks stay packed, float tensors
+    become compute-dtype parameters, rope_freqs is regenerated."""
+    from dgemma.converter.gguf_export import GGUFExportOptions, export_gguf
+    from dgemma.runtime.gguf_loading import load_gguf
+
+    out = tmp_path / f"tiny-{mix}.gguf"
+    export_gguf(GGUFExportOptions(tiny_checkpoint("tiny-a", dtype="bfloat16"), out, mix))
+    model, _ = load_gguf(out, dtype=torch.bfloat16)
+    real = sum(i.nbytes for i in weights_from_model(model))
+    p = plan(out, dtype="bfloat16", device="cpu")
+    print(f"{mix}: plan {p.weight_bytes} B, loaded {real} B")
+    assert p.weight_bytes == real
