@@ -108,3 +108,13 @@ def test_help_explains():
                 "--t-max", "--entropy-bound", "--confidence-threshold", "--stability", "--seed", "--stream",
                 "--json", "--device", "--dtype", "--sampling", "--sc-top-k"):
         assert opt in r.output
+
+
+def test_default_model_runs_with_no_arguments():
+    """`dgemma-run "def fib(n):"` on a fresh install uses the bundled model: no --model, no download."""
+    r = _run(["def fib(n):", "--json", "--seed", "0", "--steps", "8"])
+    assert r.exit_code == 0, r.output
+    rec = json.loads(r.output)
+    assert rec["model"].endswith("dgemma-tiny-code")
+    assert rec["prompt_token_ids"][0] == 2 and len(rec["token_ids"]) >= 32
+    assert rec["text"].strip() != ""

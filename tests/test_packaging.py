@@ -26,6 +26,14 @@ def test_wheel_contents(tmp_path):
         "dgemma/kernels/__init__.py",
         "dgemma/models/diffusiongemma-26B-A4B-it/config.json",
         "dgemma/models/diffusiongemma-26B-A4B-it/generation_config.json",
+        # the bundled default model of dgemma-run: everything it needs at run time
+        "dgemma/models/dgemma-tiny-code/config.json",
+        "dgemma/models/dgemma-tiny-code/generation_config.json",
+        "dgemma/models/dgemma-tiny-code/model.safetensors",
+        "dgemma/models/dgemma-tiny-code/tokenizer.model",
+        "dgemma/models/dgemma-tiny-code/tokenizer_config.json",
+        "dgemma/models/dgemma-tiny-code/README.md",
+        "dgemma/converter/calib/default.jsonl",
     ):
         assert required in names, required
     assert not any(n.startswith(("tests/", "scripts/")) for n in names)
