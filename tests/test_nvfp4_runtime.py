@@ -388,3 +388,54 @@ def test_loader_errors(converted, tmp_path):
     (bad / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="gptq"):
         read_quant_format(bad)
+
+
+# ---- fidelity on the bundled trained model ----------------------------------------------------------------------------
+
+
+def test_trained_model_fidelity_rtn_vs_calibrated(tmp_path):
+    """The bundled trained code model (not chaotic like random tiny models): logits KL / relative error vs bf16
+    on held-out calibration text, for both presets; the calibrated scale search beats RTN."""
+    from dgemma.converter.calib_data import load_calibration
+    from dgemma.runtime.api import default_model_path
+    from dgemma.runtime.tokenizer import Tokenizer
+
+    src = default_model_path()
+    if not (src / "model.safetensors").is_file():
+        pytest.skip("bundled model not present")
+    ref = load_model(src, dtype=torch.float32)
+    tok = Tokenizer.from_pretrained(src)
+    C, V = ref.cfg.canvas_length, ref.cfg.vocab_size
+    g = torch.Generator().manual_seed(123)
+    probes = []
+    for s in load_calibration(None)[200:216]:  # not among the calibration samples used below
+        c = (tok.encode(s.continuation, add_bos=False) + [1] * C)[:C]
+        c = torch.tensor(c)
+        noise = torch.rand(C, generator=g) < 0.5
+        c[noise] = torch.randint(0, V, (int(noise.sum()),), generator=g)
+        probes.append((torch.tensor([tok.encode(s.prompt)[:96]]), c[None]))
+
+    def logits(model):
+        out = []
+        with torch.inference_mode():
+            for p, c in probes:
+                cache = model.new_cache(1, 160)
+                model.encode(p, cache)
+                out.append(model.decode(c, cache)[0])
+        return torch.cat(out)
+
+    a = logits(ref)
+    res = {}
+    for preset in ("experts", "default"):
+        for search in ("rtn", "mse"):
+            out = tmp_path / f"{preset}-{search}"
+            convert_nvfp4(src, out, ConvertOptions(preset=preset, scale_search=search, calib_samples=32,
+                                                   progress=False))
+            b = logits(load_nvfp4_model(out, dtype=torch.float32))
+            res[preset, search] = (_kl(a, b), float((a - b).norm() / a.norm()),
+                                   float((a.argmax(-1) == b.argmax(-1)).float().mean()))
+            print(f"{preset:8s} {search}: KL {res[preset, search][0]:.5f} rel err {res[preset, search][1]:.4f} "
+                  f"top1 agreement {res[preset, search][2]:.4f}")
+    for preset, bound in (("experts", 0.005), ("default", 0.02)):
+        assert res[preset, "mse"][0] < res[preset, "rtn"][0] < bound
+        assert res[preset, "mse"][1] < res[preset, "rtn"][1]
