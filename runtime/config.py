@@ -101,6 +101,10 @@ class DGConfig:
     def from_pretrained(cls, path: str | Path) -> DGConfig:
         """Read `config.json` (+ `generation_config.json` if present) from a checkpoint directory."""
         path = Path(path)
+        if path.is_file() and path.suffix != ".json":
+            with open(path, "rb") as f:
+                kind = "a GGUF file" if f.read(4) == b"GGUF" else "a file"
+            raise ConfigError(f"{path}: is {kind}; expected an HF checkpoint directory (with config.json)")
         cfg_file = path / "config.json" if path.is_dir() else path
         if not cfg_file.is_file():
             raise ConfigError(f"{cfg_file}: no config.json found (is this an HF checkpoint directory?)")

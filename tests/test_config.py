@@ -93,3 +93,10 @@ def test_not_json_and_missing(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):
         DGConfig.from_pretrained(tmp_path)
+
+
+def test_a_file_instead_of_a_directory(tmp_path):
+    f = tmp_path / "model.gguf"
+    f.write_bytes(b"GGUF\x03\x00\x00\x00" + b"\x00" * 64)
+    with pytest.raises(ConfigError, match="is a GGUF file; expected an HF checkpoint directory"):
+        DGConfig.from_pretrained(f)
