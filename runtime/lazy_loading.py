@@ -26,8 +26,8 @@ from torch import nn
 
 from .config import DGConfig
 from .errors import CheckpointError, FormatError
-from .hf_names import ENC, DEC, checkpoint_tensors, encoder_alias, is_vision
-from .loading import FLOAT_DTYPES, _set_tensor, runtime_name
+from .hf_names import is_vision
+from .loading import _set_tensor, resolve_sources, runtime_name
 from .model import DGModel, build_meta, rope_inv_freq
 from .safetensors_io import CheckpointFiles, TensorInfo
 
@@ -64,40 +64,7 @@ class _Maps:
 
 def _sources(cfg: DGConfig, files: CheckpointFiles, path: Path) -> dict[str, str]:
     """Expected tensor -> stored name, with the eager loader's checks and messages."""
-    expected = {s.name: s for s in checkpoint_tensors(cfg)}
-    unexpected = []
-    for n in files.tensors:
-        if n in expected or is_vision(n) or n == "lm_head.weight":
-            continue
-        alias = encoder_alias(n)
-        if alias is not None and alias in expected:
-            continue
-        unexpected.append(n)
-    if unexpected:
-        more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
-        raise CheckpointError(f"{path}: unexpected tensors for this config: {', '.join(unexpected[:5])}{more}")
-    sources: dict[str, str] = {}
-    missing = []
-    for name in expected:
-        enc = ENC + name[len(DEC):] if name.startswith(DEC + ".") else None
-        if name in files:
-            sources[name] = name
-        elif enc is not None and enc in files:
-            sources[name] = enc
-        else:
-            missing.append(name)
-    if missing:
-        more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
-        raise CheckpointError(f"{path}: missing tensors: {', '.join(missing[:5])}{more}")
-    for name, src in sources.items():
-        info = files.tensors[src]
-        if info.shape != expected[name].shape:
-            raise CheckpointError(f"{info.file.name}: tensor {info.name!r} has shape {list(info.shape)}, "
-                                  f"expected {list(expected[name].shape)}")
-        if info.dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{info.file.name}: tensor {info.name!r} has dtype {info.dtype}, "
-                                  f"expected one of {FLOAT_DTYPES}")
-    return sources
+    return resolve_sources(cfg, files, path)[1]
 
 
 def _materialize(t: torch.Tensor, device: torch.device, dtype: torch.dtype, check_finite: bool,

@@ -40,19 +40,11 @@ def _set_tensor(model: torch.nn.Module, name: str, value: torch.Tensor) -> None:
         mod._buffers[attr] = value
 
 
-def load_model(
-    path: str | Path,
-    device: str | torch.device | None = None,
-    dtype: torch.dtype | None = None,
-    check_finite: bool = True,
-) -> DGModel:
-    """Load a checkpoint directory. dtype None keeps the checkpoint's float dtype (bf16 for the real model)."""
-    path = Path(path)
-    cfg = DGConfig.from_pretrained(path)
-    files = CheckpointFiles(path)
-    device = torch.device(device or "cpu")
+def resolve_sources(cfg: DGConfig, files: CheckpointFiles, path: Path) -> tuple[dict, dict[str, str]]:
+    """Expected tensor specs by name, and the stored name each one is read from (its own name, or the encoder
+    copy when only that exists). Raises CheckpointError for unexpected, missing or mis-shaped tensors; vision
+    tensors are skipped with one log line."""
     expected = {s.name: s for s in checkpoint_tensors(cfg)}
-
     vision = [n for n in files.tensors if is_vision(n)]
     if vision:
         log.info("skipping %d vision-tower tensors (dgemma is text-only)", len(vision))
@@ -94,17 +86,35 @@ def load_model(
             )
     if "lm_head.weight" in files and files.tensors["lm_head.weight"].shape != expected[DEC + ".embed_tokens.weight"].shape:
         raise CheckpointError(f"{path}: lm_head.weight shape does not match the embedding it is tied to")
+    for name, src in sources.items():
+        info = files.tensors[src]
+        if info.shape != expected[name].shape:
+            raise CheckpointError(
+                f"{info.file.name}: tensor {info.name!r} has shape {list(info.shape)}, expected {list(expected[name].shape)}"
+            )
+        if info.dtype not in FLOAT_DTYPES:
+            raise CheckpointError(f"{info.file.name}: tensor {info.name!r} has dtype {info.dtype}, expected one of {FLOAT_DTYPES}")
+    return expected, sources
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device | None = None,
+    dtype: torch.dtype | None = None,
+    check_finite: bool = True,
+) -> DGModel:
+    """Load a checkpoint directory. dtype None keeps the checkpoint's float dtype (bf16 for the real model)."""
+    path = Path(path)
+    cfg = DGConfig.from_pretrained(path)
+    files = CheckpointFiles(path)
+    device = torch.device(device or "cpu")
+
+    expected, sources = resolve_sources(cfg, files, path)
 
     load_dtype = dtype
     model = build_meta(cfg)
     for name, spec in expected.items():
         info = files.tensors[sources[name]]
-        if info.shape != spec.shape:
-            raise CheckpointError(
-                f"{info.file.name}: tensor {info.name!r} has shape {list(info.shape)}, expected {list(spec.shape)}"
-            )
-        if info.dtype not in FLOAT_DTYPES:
-            raise CheckpointError(f"{info.file.name}: tensor {info.name!r} has dtype {info.dtype}, expected one of {FLOAT_DTYPES}")
         t = files.get(info.name)
         if check_finite and not bool(torch.isfinite(t).all()):
             raise CheckpointError(f"{info.file.name}: tensor {info.name!r} contains NaN or Inf values")
