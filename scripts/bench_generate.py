@@ -19,13 +19,6 @@ from pathlib import Path
 
 import torch
 
-S, F = "sliding_attention", "full_attention"
-MID = dict(
-    hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
-    global_head_dim=128, num_global_key_value_heads=2, layer_types=[S, S, S, F, S, S, S, F], sliding_window=128,
-    num_experts=32, top_k_experts=4, moe_intermediate_size=256, vocab_size=32000, canvas_length=64,
-    full_partial_rotary=0.25,
-)
 
 
 def _tiny_module():
@@ -35,6 +28,9 @@ def _tiny_module():
     assert spec.loader is not None
     spec.loader.exec_module(mod)
     return mod
+
+
+MID = _tiny_module().PRESETS["mid"]  # the mid-size benchmark config
 
 
 def main() -> int:

@@ -48,6 +48,13 @@ PRESETS: dict[str, dict] = {
         num_experts=10, top_k_experts=3, moe_intermediate_size=21, vocab_size=301, canvas_length=16,
         full_partial_rotary=0.5,
     ),
+    # mid-size, for benchmarks (scripts/bench_generate.py, scripts/bench_offload.py): ~35 M parameters
+    "mid": dict(
+        hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
+        global_head_dim=128, num_global_key_value_heads=2, layer_types=[S, S, S, F, S, S, S, F],
+        sliding_window=128, num_experts=32, top_k_experts=4, moe_intermediate_size=256, vocab_size=32000,
+        canvas_length=64, full_partial_rotary=0.25,
+    ),
 }
 
 VISION = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
