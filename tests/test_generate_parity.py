@@ -24,6 +24,14 @@ def _check(ours, hf, ids, mask=None, seed=0, **kw):
         hf_kw["stability_threshold"] = None  # the reference turns adaptive stopping off this way
     if mask is not None:
         hf_kw["attention_mask"] = mask
+    if "entropy_bound" in hf_kw:
+        # the reference takes the bound inside its sampler config (a bare kwarg would be silently ignored)
+        from transformers.models.diffusion_gemma.generation_diffusion_gemma import EntropyBoundSamplerConfig
+
+        hf_kw["sampler_config"] = EntropyBoundSamplerConfig(entropy_bound=float(hf_kw.pop("entropy_bound")))
+    if "eos_token_ids" in hf_kw:
+        eos = hf_kw.pop("eos_token_ids")
+        hf_kw["eos_token_id"] = list(eos) if eos else None
     torch.manual_seed(seed)
     b = hf.generate(ids, **hf_kw)
     print(f"steps/canvas {a.steps_per_canvas} tpf ours {a.tokens_per_forward.tolist()} ref {b.tokens_per_forward.tolist()}")
@@ -34,11 +42,29 @@ def _check(ours, hf, ids, mask=None, seed=0, **kw):
 
 CASES = [
     dict(),  # checkpoint defaults: one canvas, adaptive stopping on
-    dict(max_new_tokens=40),  # three canvases (rounded up)
+    dict(max_new_tokens=40, eos_token_ids=()),  # three canvases (40 rounds up to 3 x 16); no EOS to stop early
     dict(adaptive_stopping=False, max_denoising_steps=5),
     dict(max_denoising_steps=6, t_min=0.1, t_max=1.5, entropy_bound=0.7, confidence_threshold=0.5,
          stability_threshold=2),
 ]
+
+
+@pytest.mark.parametrize("confidence", [0.005, 0.5])
+def test_adaptive_stopping_triggers_and_freezes_rows(confidence):
+    """On the trained bundled model canvases converge, so stable-and-confident stopping ends canvases early and
+    the rows of a left-padded batch finish at different steps (the frozen-row path runs); still token-exact.
+    Random models never get there: their argmax keeps changing with the renoised canvas."""
+    import dgemma
+    from dgemma.runtime.generate import prepare_batch
+
+    dg = dgemma.load(dgemma.default_model_path(), device="cpu", dtype="float32")
+    hf = load_hf(dgemma.default_model_path())
+    p1 = dg.tokenizer.encode("import os\nimport sys\n\n\ndef main(argv):\n    ")
+    p2 = dg.tokenizer.encode("class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n        ")
+    ids, mask = prepare_batch([p1, p2], None, 0, "cpu")
+    a = _check(dg.model, hf, ids, mask.long(), seed=3, max_new_tokens=64, confidence_threshold=confidence)
+    N = dg.config.generation.max_denoising_steps
+    assert min(a.steps_per_canvas) < N, "adaptive stopping should end a canvas early"
 
 
 @pytest.mark.parametrize("preset", ["tiny-a", "tiny-b"])
@@ -46,7 +72,9 @@ CASES = [
 def test_batch1_matches_reference(tiny_checkpoint, preset, case):
     ours, hf = _pair(tiny_checkpoint, preset)
     ids = torch.randint(5, ours.cfg.vocab_size, (1, 9), generator=torch.Generator().manual_seed(case))
-    _check(ours, hf, ids, seed=100 + case, **CASES[case])
+    a = _check(ours, hf, ids, seed=100 + case, **CASES[case])
+    if case == 1:
+        assert len(a.steps_per_canvas) == -(-40 // ours.cfg.canvas_length)
 
 
 @pytest.mark.parametrize("preset", ["tiny-a", "tiny-c"])
