@@ -193,10 +193,11 @@ def _piece_bytes(piece: str, score: float, ptype: int) -> bytes:
     return b"\x0a" + _varint(len(body)) + body
 
 
-def _train_spm(vocab_size: int) -> bytes:
+def train_spm(lines: list[str], vocab_size: int, *, seed: int = 0, character_coverage: float = 1.0) -> bytes:
+    """Train a byte-fallback SentencePiece BPE on `lines` (one sentence each) with DiffusionGemma's special
+    tokens; returns the serialized model (specials not yet at their ids: see `write_spm`)."""
     import sentencepiece as spm
 
-    lines = [line for doc in build_corpus() for line in doc.split("\n") if line]
     n_fixed = len(SPECIAL_TOKEN_IDS) + len(TAIL_SPECIAL_TOKENS) + len(SPM_USER_DEFINED) + 256
     n_free = vocab_size - n_fixed
     # Keep the required characters to ~1/2 of the free ids (the rest become merges): the trainer sees only the
@@ -210,11 +211,13 @@ def _train_spm(vocab_size: int) -> bytes:
     corpus = [frag for line in lines for frag in cut.split(line) if frag.strip(" ")]
     controls = [MASK] + [t for t in sorted(SPECIAL_TOKEN_IDS, key=SPECIAL_TOKEN_IDS.get)
                          if SPECIAL_TOKEN_IDS[t] > 4] + list(TAIL_SPECIAL_TOKENS)
-    spm.set_random_generator_seed(0)
+    spm.set_random_generator_seed(seed)
     buf = io.BytesIO()
+    # Lines are sentences (newline is a user-defined piece, never merged); whitespace-only pieces let indentation
+    # runs become single tokens; digits are split as in Gemma.
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(corpus), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
-        hard_vocab_limit=False, character_coverage=1.0, byte_fallback=True,
+        hard_vocab_limit=False, character_coverage=character_coverage, byte_fallback=True,
         normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
         split_digits=True, allow_whitespace_only_pieces=True, max_sentence_length=1 << 14,
         pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece=PAD, eos_piece=EOS, bos_piece=BOS, unk_piece=UNK,
@@ -223,8 +226,8 @@ def _train_spm(vocab_size: int) -> bytes:
     return buf.getvalue()
 
 
-def _write_spm(out_dir: Path, vocab_size: int) -> None:
-    data = _train_spm(vocab_size)
+def write_spm(out_dir: Path, data: bytes, vocab_size: int) -> None:
+    """Write `tokenizer.model` from a trained model (`train_spm`) with the specials moved to their ids."""
     pieces = read_spm_pieces(data)
     by_name = {p: (p, s, t) for p, s, t in pieces}
     assert len(by_name) == len(pieces) <= vocab_size, "unexpected SentencePiece vocabulary"
@@ -233,6 +236,7 @@ def _write_spm(out_dir: Path, vocab_size: int) -> None:
     tokens = _layout(vocab_size, [p for p, _, _ in pieces])
     body = b"".join(_piece_bytes(*by_name.get(t, (t, 0.0, TokenType.CONTROL))) for t in tokens)
     rest = b"".join(raw for fnum, _, _, raw in iter_proto_fields(data) if fnum != 1)
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "tokenizer.model").write_bytes(body + rest)
 
 
@@ -280,7 +284,8 @@ def write_tiny_tokenizer(out_dir: Path, vocab_size: int, kind: str = "bpe") -> N
     if kind == "bpe":
         _write_bpe(out_dir, vocab_size)
     else:
-        _write_spm(out_dir, vocab_size)
+        lines = [line for doc in build_corpus() for line in doc.split("\n") if line]
+        write_spm(out_dir, train_spm(lines, vocab_size), vocab_size)
     specials = list(SPECIAL_TOKEN_IDS) + list(TAIL_SPECIAL_TOKENS)
     _write_configs(out_dir, specials)
 

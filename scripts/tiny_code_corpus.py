@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
-import io
 import logging
 import os
 import random
-import re
 import sysconfig
 from pathlib import Path
 from typing import Sequence
@@ -95,11 +93,7 @@ def train_tokenizer(out_dir: Path, files: Sequence[Path], vocab_size: int = 4096
     """Train a byte-fallback SentencePiece BPE on `files` and write the tokenizer files into `out_dir`
     (tokenizer.model with the special tokens at DiffusionGemma's ids, tokenizer_config.json,
     special_tokens_map.json, chat_template.jinja). Deterministic for the same files and arguments."""
-    import sentencepiece as spm
-
-    from dgemma.runtime.tokenizer import SPECIAL_TOKEN_IDS, TAIL_SPECIAL_TOKENS, TokenType, iter_proto_fields, \
-        read_spm_pieces
-    from dgemma.runtime.tokenizer import BOS, EOS, MASK, PAD, UNK
+    from dgemma.runtime.tokenizer import SPECIAL_TOKEN_IDS, TAIL_SPECIAL_TOKENS
 
     mt = _tiny_tokenizer_module()
     lines: list[str] = []
@@ -109,40 +103,8 @@ def train_tokenizer(out_dir: Path, files: Sequence[Path], vocab_size: int = 4096
             lines += [ln for ln in text.split("\n") if ln.strip()]
     if len(lines) > max_lines:
         lines = random.Random(seed).sample(lines, max_lines)
-    # SentencePiece needs a piece for every character it keeps: keep the most frequent ones (at most half the
-    # free ids, at most 300) and cut the text at the others, which encode to byte tokens.
-    n_free = vocab_size - len(SPECIAL_TOKEN_IDS) - len(TAIL_SPECIAL_TOKENS) - len(mt.SPM_USER_DEFINED) - 256
-    counts: dict[str, int] = {}
-    for line in lines:
-        for ch in line:
-            counts[ch] = counts.get(ch, 0) + 1
-    keep = sorted(counts, key=lambda ch: (-counts[ch], ch))[: max(2, min(n_free // 2, 300))]
-    cut = re.compile("[^" + "".join(re.escape(ch) for ch in keep) + "]+")
-    lines = [frag for line in lines for frag in cut.split(line) if frag.strip(" ")]
-    controls = [MASK] + [t for t in sorted(SPECIAL_TOKEN_IDS, key=SPECIAL_TOKEN_IDS.get)
-                         if SPECIAL_TOKEN_IDS[t] > 4] + list(TAIL_SPECIAL_TOKENS)
-    spm.set_random_generator_seed(seed)
-    buf = io.BytesIO()
-    # Lines are sentences (newline is a user-defined piece, never merged); whitespace-only pieces let indentation
-    # runs become single tokens; digits are split as in Gemma.
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=buf, model_type="bpe", vocab_size=vocab_size,
-        hard_vocab_limit=False, character_coverage=0.9995, byte_fallback=True,
-        normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
-        split_digits=True, allow_whitespace_only_pieces=True, max_sentence_length=1 << 14,
-        pad_id=0, eos_id=1, bos_id=2, unk_id=3, pad_piece=PAD, eos_piece=EOS, bos_piece=BOS, unk_piece=UNK,
-        control_symbols=controls, user_defined_symbols=mt.SPM_USER_DEFINED, num_threads=1, minloglevel=2,
-    )
-    data = buf.getvalue()
-    pieces = read_spm_pieces(data)
-    by_name = {p: (p, s, t) for p, s, t in pieces}
-    # Specials moved to their ids; learned pieces keep their relative order (see make_tiny_tokenizer._write_spm).
-    tokens = mt._layout(vocab_size, [p for p, _, _ in pieces])
-    body = b"".join(mt._piece_bytes(*by_name.get(t, (t, 0.0, TokenType.CONTROL))) for t in tokens)
-    rest = b"".join(raw for fnum, _, _, raw in iter_proto_fields(data) if fnum != 1)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "tokenizer.model").write_bytes(body + rest)
+    mt.write_spm(out_dir, mt.train_spm(lines, vocab_size, seed=seed, character_coverage=0.9995), vocab_size)
     mt._write_configs(out_dir, list(SPECIAL_TOKEN_IDS) + list(TAIL_SPECIAL_TOKENS))
 
 
