@@ -156,10 +156,6 @@ def sample_fast(processed: torch.Tensor, generator: torch.Generator | None):
 SAMPLERS = {"reference": sample_reference, "fast": sample_fast}
 
 
-def sample_fast_entropy(logits: torch.Tensor) -> torch.Tensor:
-    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
-    return lse.squeeze(-1) - (torch.exp(logits - lse) * logits).sum(-1)
-
 
 def denoise_canvas(
     model: DGModel,
@@ -207,9 +203,9 @@ def denoise_canvas(
             if finished.any():
                 new_argmax = torch.where(finished[:, None], argmax, new_argmax)
                 new_canvas = torch.where(finished[:, None], canvas, new_canvas)
+                # frozen rows keep their previous SC logits; their entropy is not recomputed: the stop test
+                # only ORs into `finished`, which is already true for them
                 processed = torch.where(finished[:, None, None], sc_logits, processed)
-                # frozen rows keep their previous logits, so the stop test sees their old entropy
-                ent = _entropy(processed) if sampling == "reference" else sample_fast_entropy(processed)
             finished = finished | stopper(new_argmax, ent)
         canvas, argmax = new_canvas, new_argmax
         sc_logits = processed.to(model.dtype)  # self-conditioning input of the next step
