@@ -24,6 +24,13 @@ from .config import DGConfig
 from .errors import GenerationError
 
 
+@dataclass(frozen=True)
+class EncodeMask:
+    causal: bool = False  # no mask needed: plain causal attention over exactly the new tokens
+    mask: torch.Tensor | None = None  # [B, T, S] bool, True = visible
+    dead: torch.Tensor | None = None  # [B, T] padding queries that see no key (their output is zero)
+
+
 @dataclass
 class LayerKV:
     k: torch.Tensor  # [B, Hk, S, D]
@@ -126,6 +133,47 @@ class KVCache:
         """Where the decoder writes the canvas K/V: right after the committed slots."""
         start = self.slide_len if sliding else self.length
         return slice(start, start + n)
+
+    # ---- masks: one per layer type per pass (every layer of a type sees the same slots) ---------------------
+    def encode_mask(self, sliding: bool, positions: torch.Tensor, valid: torch.Tensor) -> EncodeMask:
+        """Visibility for committing tokens at `positions` [T] (row validity `valid` [B, T]) over the keys
+        [held committed slots ; new tokens] that `Attention.encode` builds. Call before `commit_meta`."""
+        T = positions.numel()
+        if sliding:
+            n0, n = self.slide_start, self.slide_len
+            kpos = torch.cat([self.slide_pos[n0:n], positions])
+            kval = torch.cat([self.slide_valid[:, n0:n], valid], dim=1)
+        else:
+            kpos = torch.cat([self.full_pos[: self.length], positions])
+            kval = torch.cat([self.full_valid[:, : self.length], valid], dim=1)
+        S = kpos.numel()
+        qp = positions[:, None]
+        allowed = kpos[None, :] <= qp
+        if sliding:
+            allowed &= kpos[None, :] > qp - self.window
+        if S == T and bool(valid.all()) and torch.equal(allowed, torch.ones_like(allowed).tril()):
+            return EncodeMask(causal=True)  # plain causal: the fast fused path
+        mask = allowed[None] & kval[:, None, :]  # [B, T, S]
+        # A padding query may see no key at all. Its output is defined as zero (what torch's SDPA returns on CPU
+        # and what the reference therefore computes); letting it see itself avoids NaN on other backends.
+        dead = ~mask.any(dim=-1)  # [B, T]
+        if not bool(dead.any()):
+            return EncodeMask(mask=mask)
+        mask[:, torch.arange(T, device=mask.device), torch.arange(S - T, S, device=mask.device)] |= dead
+        return EncodeMask(mask=mask, dead=dead)
+
+    def decode_mask(self, sliding: bool, canvas: int) -> tuple[int, torch.Tensor | None]:
+        """(first slot the canvas attends to, mask [B, C, S] or None when every held position is real)."""
+        if sliding:
+            start = self.slide_start
+            past_ok = self.slide_valid[:, start : self.slide_len]
+        else:
+            start = 0
+            past_ok = self.full_valid[:, : self.length]
+        if bool(past_ok.all()):
+            return start, None
+        canvas_ok = torch.ones(past_ok.shape[0], canvas, dtype=torch.bool, device=past_ok.device)
+        return start, torch.cat([past_ok, canvas_ok], dim=1)[:, None, :].expand(-1, canvas, -1)
 
     def reset(self) -> None:
         self.length = 0

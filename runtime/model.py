@@ -15,8 +15,8 @@ from torch import nn
 
 from ..kernels import dispatch
 from ..kernels.fused_moe import DenseExperts
-from .config import DGConfig, LayerGeometry, RopeParams
-from .kv_cache import KVCache
+from .config import SLIDING, DGConfig, LayerGeometry, RopeParams
+from .kv_cache import EncodeMask, KVCache
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -121,7 +121,7 @@ class Attention(nn.Module):
             o = o.masked_fill(dead[:, None, :, None], 0.0)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, -1))
 
-    def encode(self, h, cos, sin, positions, valid, cache: KVCache, lk) -> torch.Tensor:
+    def encode(self, h, cos, sin, positions, cache: KVCache, lk, em: EncodeMask) -> torch.Tensor:
         """Causal pass over new tokens at `positions` [T]; writes their K/V into the cache."""
         q, k, v = self._qkv(h, cos, sin)
         T = positions.numel()
@@ -131,8 +131,6 @@ class Attention(nn.Module):
             all_k = torch.cat([lk.k[:, :, :n], k], dim=2)
             all_v = torch.cat([lk.v[:, :, :n], v], dim=2)
             keys, vals = all_k[:, :, n0:], all_v[:, :, n0:]
-            kpos = torch.cat([cache.slide_pos[n0:n], positions])
-            kval = torch.cat([cache.slide_valid[:, n0:n], valid], dim=1)
             keep = min(n + T, cache.ring)
             lk.k[:, :, :keep] = all_k[:, :, -keep:]
             lk.v[:, :, :keep] = all_v[:, :, -keep:]
@@ -145,43 +143,15 @@ class Attention(nn.Module):
             if torch.is_grad_enabled() and k.requires_grad:
                 # training: autograd keeps these for backward, and a later decode writes into the cache in place
                 keys, vals = keys.clone(), vals.clone()
-            kpos = torch.cat([cache.full_pos[: cache.length], positions])
-            kval = torch.cat([cache.full_valid[:, : cache.length], valid], dim=1)
-        S = kpos.numel()
-        self_slot = torch.arange(S - T, S, device=h.device)
-        qp = positions[:, None]
-        allowed = kpos[None, :] <= qp
-        if self.g.is_sliding:
-            allowed &= kpos[None, :] > qp - self.window
-        causal = torch.ones(T, T, dtype=torch.bool, device=h.device).tril()
-        if S == T and bool(valid.all()) and torch.equal(allowed, causal):
-            return self._attend(q, keys, vals, None, causal=True)  # plain causal: the fast fused path
-        mask = allowed[None] & kval[:, None, :]  # [B, T, S]
-        # A padding query may see no key at all. Its output is defined as zero (what torch's SDPA returns on CPU
-        # and what the reference therefore computes); letting it see itself avoids NaN on other backends.
-        dead = ~mask.any(dim=-1)  # [B, T]
-        if bool(dead.any()):
-            mask[:, torch.arange(T, device=h.device), self_slot] |= dead
-        return self._attend(q, keys, vals, mask, dead=dead if bool(dead.any()) else None)
+        return self._attend(q, keys, vals, em.mask, causal=em.causal, dead=em.dead)
 
-    def decode(self, h, cos, sin, cache: KVCache, lk) -> torch.Tensor:
-        """Bidirectional pass over the canvas; reads the cache, writes only the scratch slots."""
+    def decode(self, h, cos, sin, cache: KVCache, lk, start: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """Bidirectional pass over the canvas; reads the cache, writes only the scratch slots. `start`/`mask`
+        come from `cache.decode_mask` (the same for every layer of this type)."""
         q, k, v = self._qkv(h, cos, sin)
-        C = k.shape[2]
-        sl = cache.scratch_slots(self.g.is_sliding, C)
+        sl = cache.scratch_slots(self.g.is_sliding, k.shape[2])
         lk.k[:, :, sl] = k
         lk.v[:, :, sl] = v
-        if self.g.is_sliding:
-            start = cache.slide_start
-            past_ok = cache.slide_valid[:, start : cache.slide_len]
-        else:
-            start = 0
-            past_ok = cache.full_valid[:, : cache.length]
-        if bool(past_ok.all()):
-            mask = None
-        else:
-            canvas_ok = torch.ones(past_ok.shape[0], C, dtype=torch.bool, device=h.device)
-            mask = torch.cat([past_ok, canvas_ok], dim=1)[:, None, :].expand(-1, C, -1)
         return self._attend(q, lk.k[:, :, start : sl.stop], lk.v[:, :, start : sl.stop], mask)
 
 
@@ -383,11 +353,13 @@ class DGModel(nn.Module):
             valid = torch.ones(B, T, dtype=torch.bool, device=ids.device)
         x = self.embed(ids)
         rope = self._rope(positions, x.dtype)
+        masks = {lt: cache.encode_mask(lt == SLIDING, positions, valid) for lt in self.cfg.rope}
         for layer, lk in zip(self.layers, cache.layers):
             cos, sin = rope[layer.g.layer_type]
+            em = masks[layer.g.layer_type]
 
-            def attn(h, layer=layer, lk=lk, cos=cos, sin=sin):
-                return layer.self_attn.encode(h, cos, sin, positions, valid, cache, lk)
+            def attn(h, layer=layer, lk=lk, cos=cos, sin=sin, em=em):
+                return layer.self_attn.encode(h, cos, sin, positions, cache, lk, em)
 
             x = layer(x, attn, layer.encoder_layer_scalar)
         cache.commit_meta(positions, valid)
@@ -410,11 +382,13 @@ class DGModel(nn.Module):
                 soft = soft * sc_mask.to(soft.dtype)[:, None, None]
         x = self.self_conditioning(x, soft)
         rope = self._rope(positions, x.dtype)
+        masks = {lt: cache.decode_mask(lt == SLIDING, C) for lt in self.cfg.rope}
         for layer, lk in zip(self.layers, cache.layers):
             cos, sin = rope[layer.g.layer_type]
+            start, mask = masks[layer.g.layer_type]
 
-            def attn(h, layer=layer, lk=lk, cos=cos, sin=sin):
-                return layer.self_attn.decode(h, cos, sin, cache, lk)
+            def attn(h, layer=layer, lk=lk, cos=cos, sin=sin, start=start, mask=mask):
+                return layer.self_attn.decode(h, cos, sin, cache, lk, start, mask)
 
             x = layer(x, attn, layer.layer_scalar)
         return self.norm(x)
