@@ -9,7 +9,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
-from .chat import encode_chat, split_thoughts
+from .chat import clean_output, encode_chat, split_thoughts
 from .config import DGConfig
 from .errors import DGemmaError, GenerationError
 from .generate import GenerationResult, generate
@@ -126,8 +126,6 @@ class DiffusionGemma:
     def _reply(self, prompt_ids: list[int], result: GenerationResult) -> ChatReply:
         text = self.tokenizer.decode(result.new_tokens[0].tolist())
         thoughts, answer = split_thoughts(text)
-        from .chat import clean_output
-
         return ChatReply(answer=answer, thoughts=thoughts, text=clean_output(text), result=result, prompt_ids=prompt_ids)
 
 
@@ -217,33 +215,47 @@ def detect_format(p: Path) -> str:
     return "hf"
 
 
+def _checkpoint_tokenizer(p: Path, cfg: DGConfig) -> Tokenizer | None:
+    """The tokenizer a checkpoint directory ships, checked against the model's vocabulary."""
+    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
+        return None
+    tok = Tokenizer.from_pretrained(p)
+    if tok.vocab_size > cfg.vocab_size:
+        raise DGemmaError(f"{p}: tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {cfg.vocab_size}")
+    return tok
+
+
+def load_parts(p: Path, device: torch.device, dtype: torch.dtype, *, fmt: str,
+               lazy: bool = False) -> tuple[DGModel, Tokenizer | None]:
+    """Model and tokenizer of a checkpoint in format `fmt` (`detect_format`). `lazy` maps an HF checkpoint and
+    materializes tensors on first use (GGUF is memory-mapped anyway; NVFP4 loads packed)."""
+    if fmt == "gguf":
+        from .gguf_loading import load_gguf
+
+        return load_gguf(p, device=device, dtype=dtype)
+    if fmt == "nvfp4":
+        from .nvfp4_loading import load_nvfp4_model
+
+        model = load_nvfp4_model(p, device=device, dtype=dtype)
+    elif lazy:
+        from .lazy_loading import load_model_lazy
+
+        model = load_model_lazy(p, device=device, dtype=dtype)
+    else:
+        model = load_model(p, device=device, dtype=dtype)
+    return model, _checkpoint_tokenizer(p, model.cfg)
+
+
 def load(path: str | Path | None = None, device: str | torch.device | None = None,
-         dtype: str | torch.dtype | None = None) -> DiffusionGemma:
+         dtype: str | torch.dtype | None = None, *, lazy: bool = False) -> DiffusionGemma:
     """Load a DiffusionGemma checkpoint: an HF directory (bf16/fp32), an NVFP4 directory (ModelOpt or
-    compressed-tensors layout) or a GGUF file. Default: the small model bundled with dgemma."""
+    compressed-tensors layout) or a GGUF file. Default: the small model bundled with dgemma. `lazy`: map an HF
+    checkpoint and materialize each tensor on first use (fast start)."""
     p = Path(path) if path is not None else default_model_path()
     if not p.exists():
         raise DGemmaError(f"{p}: no such model directory or file")
     dev = resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     t0 = time.perf_counter()
-    fmt = detect_format(p)
-    tok = None
-    if fmt == "gguf":
-        from .gguf_loading import load_gguf
-
-        model, tok = load_gguf(p, device=dev, dtype=dt)
-        return DiffusionGemma(model, tok, p, time.perf_counter() - t0)
-    if fmt == "nvfp4":
-        from .nvfp4_loading import load_nvfp4_model
-
-        model = load_nvfp4_model(p, device=dev, dtype=dt)
-    else:
-        model = load_model(p, device=dev, dtype=dt)
-    if any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-        tok = Tokenizer.from_pretrained(p)
-        if tok.vocab_size > model.cfg.vocab_size:
-            raise DGemmaError(
-                f"{p}: tokenizer has {tok.vocab_size} tokens but the model's vocab_size is {model.cfg.vocab_size}"
-            )
+    model, tok = load_parts(p, dev, dt, fmt=detect_format(p), lazy=lazy)
     return DiffusionGemma(model, tok, p, time.perf_counter() - t0)

@@ -36,9 +36,8 @@ def load_with_budget(
 
     Raises PlanError (with the plan table and the smallest workable budget) before reading any weight when the
     budget is below one layer's working set. The plan is attached as `.plan`."""
-    from .api import DiffusionGemma, detect_format, resolve_device, resolve_dtype
+    from .api import DiffusionGemma, detect_format, load_parts, resolve_device, resolve_dtype
     from .expert_store import enable_expert_offload
-    from .tokenizer import Tokenizer
     from .weight_stream import enable_weight_streaming
 
     p_path = Path(path)
@@ -51,23 +50,9 @@ def load_with_budget(
     if pl.verdict == "no_fit":
         raise plan_error(pl)
     fmt = detect_format(p_path)
-    tok = None
-    if fmt == "gguf":
-        from .gguf_loading import load_gguf
-
-        model, tok = load_gguf(p_path, device="cpu", dtype=dt)
-    elif fmt == "nvfp4":
-        from .nvfp4_loading import load_nvfp4_model
-
-        model = load_nvfp4_model(p_path, device="cpu", dtype=dt)
-    elif lazy:
-        from .lazy_loading import load_model_lazy
-
-        model = load_model_lazy(p_path, device=dev, dtype=dt)
-    else:
-        from .loading import load_model
-
-        model = load_model(p_path, device="cpu", dtype=dt)
+    # offloaded/streamed tensors start in host memory; a lazy HF load maps straight onto the device
+    load_dev = dev if (fmt == "hf" and lazy) else torch.device("cpu")
+    model, tok = load_parts(p_path, load_dev, dt, fmt=fmt, lazy=lazy)
     E = model.cfg.num_experts
     n = pl.experts_per_layer or E
     if n < E:
@@ -76,8 +61,6 @@ def load_with_budget(
         enable_weight_streaming(model, device=dev, host=host)
     if not (fmt == "hf" and lazy):
         model.to(dev)  # what is still registered: the resident part (offloaded/streamed tensors are not)
-    if tok is None and any((p_path / f).is_file() for f in ("tokenizer.json", "tokenizer.model")):
-        tok = Tokenizer.from_pretrained(p_path)
     dg = DiffusionGemma(model, tok, p_path, time.perf_counter() - t0)
     dg.plan = pl
     log.info("%s", pl.verdict_text())

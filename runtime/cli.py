@@ -121,22 +121,7 @@ def _load(o: RunOptions):
 
         return load_with_budget(o.model or default_model_path(), o.vram, device=o.device, dtype=o.dtype,
                                 context_length=o.context)
-    if o.lazy:
-        from .api import DiffusionGemma, detect_format, resolve_device, resolve_dtype
-        from .lazy_loading import load_model_lazy
-        from .tokenizer import Tokenizer
-
-        p = o.model or default_model_path()
-        if not Path(p).exists():
-            raise DGemmaError(f"{p}: no such model directory or file")
-        if detect_format(Path(p)) != "hf":
-            return load(p, device=o.device, dtype=o.dtype)  # GGUF is memory-mapped already; NVFP4 loads packed
-        dev = resolve_device(o.device)
-        t0 = time.perf_counter()
-        model = load_model_lazy(p, device=dev, dtype=resolve_dtype(o.dtype, dev))
-        tok = Tokenizer.from_pretrained(p) if any((Path(p) / f).is_file() for f in ("tokenizer.json", "tokenizer.model")) else None
-        return DiffusionGemma(model, tok, Path(p), time.perf_counter() - t0)
-    return load(o.model, device=o.device, dtype=o.dtype)
+    return load(o.model, device=o.device, dtype=o.dtype, lazy=o.lazy)
 
 
 def show_plan(model: Path | None, fmt: str | None, vram: str | None, context: int, dtype: str, device: str,

@@ -118,3 +118,9 @@ def test_default_model_runs_with_no_arguments():
     assert rec["model"].endswith("dgemma-tiny-code")
     assert rec["prompt_token_ids"][0] == 2 and len(rec["token_ids"]) >= 32
     assert rec["text"].strip() != ""
+
+
+def test_lazy_and_budgeted_loads_give_the_same_answer(ckpt):
+    base = ["hello", "--model", str(ckpt), "--json", "--seed", "4", "--steps", "3"]
+    ids = [json.loads(_run(base + extra).output)["token_ids"] for extra in ([], ["--lazy"], ["--vram", "1"])]
+    assert ids[0] == ids[1] == ids[2]
