@@ -38,6 +38,18 @@ def tiny_checkpoint(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny tensors: one torch thread is faster, and does not stall when other jobs load the machine's cores.
+    Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")`."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def load_hf(path: Path, preset: str | None = None):
     """The transformers reference (test-only dependency), fp32, eval mode."""
     import torch

@@ -12,12 +12,7 @@ from dgemma.runtime.loading import load_model
 from dgemma.runtime.model import Experts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _gen(model, seed=3, prompt_len=21, new=40, steps=5):

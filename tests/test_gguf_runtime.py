@@ -43,13 +43,7 @@ QUANT_MIXES = ["q8_0", "q6_k", "q5_k_m", "q4_k_m", "mxfp4_moe", "nvfp4"]
 KL_BOUND = {"q8_0": 0.002, "q6_k": 0.005, "q5_k_m": 0.008, "q4_k_m": 0.012, "mxfp4_moe": 0.005, "nvfp4": 0.005}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one torch thread is faster, and does not stall when other jobs load the machine's cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

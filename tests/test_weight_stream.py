@@ -16,12 +16,7 @@ from dgemma.runtime.loading import load_model
 from dgemma.runtime.weight_stream import STREAMED_MODULES, enable_weight_streaming
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _gen(model, steps=4):
